@@ -1,0 +1,245 @@
+"""Labels and seeds -> tokens -> images: the KV-cached next-scale sampler with classifier-free guidance."""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .attention.context import AttnContext
+from .attention.kv_cache import KVCache
+from .models.configs import PipelineConfig, load_config
+from .models.loading import CheckpointError, infer_config, load_strict, read_state_dict, resolve_hub
+from .models.var import VAR
+from .models.vqvae import VQVAE
+from .sampling import sample_tokens
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"unsupported dtype {dtype!r}; use one of fp32, bf16, fp16")
+
+
+@dataclass
+class GenerationOutput:
+    """Images [B, 3, H, W] in [0, 1], sampled tokens per scale ([B, pn*pn] each), labels [B]
+    (``num_classes`` = unconditional), and stage timings in seconds when they were asked for."""
+
+    images: torch.Tensor
+    tokens: list[torch.Tensor]
+    labels: torch.Tensor
+    timings: dict[str, Any] = field(default_factory=dict)
+
+
+class _StageClock:
+    """Accumulates wall time per stage; synchronises CUDA only when timing was asked for."""
+
+    def __init__(self, enabled: bool, device: torch.device) -> None:
+        self.enabled = enabled
+        self.cuda = device.type == "cuda"
+        self.totals: dict[str, Any] = {"transformer": 0.0, "sampling": 0.0, "decoder": 0.0, "per_scale": []}
+        self._last = 0.0
+
+    def start(self) -> None:
+        if self.enabled:
+            self._sync()
+            self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> float:
+        if not self.enabled:
+            return 0.0
+        self._sync()
+        now = time.perf_counter()
+        spent, self._last = now - self._last, now
+        self.totals[stage] += spent
+        return spent
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+class Pipeline:
+    """A VAR transformer and its VQ-VAE, ready to sample.
+
+    Build it with :func:`load_pipeline`. ``pipe.var(labels, x_BLCv)`` gives teacher-forced logits,
+    ``pipe.vae.img_to_idx`` / ``pipe.vae.idx_to_img`` tokenize and decode (images in [-1, 1] there).
+    """
+
+    def __init__(self, var: VAR, vae: VQVAE, config: PipelineConfig) -> None:
+        self.var = var
+        self.vae = vae
+        self.config = config
+
+    @property
+    def device(self) -> torch.device:
+        return self.var.head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.var.dtype
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.var.num_classes
+
+    def _labels(self, labels: Any, batch_size: int | None, rng) -> torch.Tensor:
+        n = self.num_classes
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if labels is None:
+            if batch_size is None:
+                raise ValueError("give labels, or batch_size to draw that many random labels")
+            uniform = torch.full((1, n), 1.0 / n, device=self.device)
+            if isinstance(rng, list):
+                return torch.cat([torch.multinomial(uniform, 1, replacement=True, generator=g).view(1) for g in rng])
+            return torch.multinomial(uniform, batch_size, replacement=True, generator=rng).reshape(batch_size)
+        if isinstance(labels, int) and not isinstance(labels, bool):
+            label = n if labels < 0 else labels
+            labels_B = torch.full((batch_size or 1,), label, dtype=torch.long, device=self.device)
+        else:
+            labels_B = torch.as_tensor(labels, device=self.device).flatten()
+            if labels_B.numel() == 0 or labels_B.dtype.is_floating_point or labels_B.dtype == torch.bool:
+                raise ValueError("labels must be a non-empty list of integer class ids")
+            labels_B = torch.where(labels_B < 0, n, labels_B.long())
+            if batch_size is not None and batch_size != labels_B.numel():
+                raise ValueError(f"batch_size {batch_size} differs from the {labels_B.numel()} labels given")
+        if int(labels_B.max()) > n:
+            bad = int(labels_B.max())
+            raise ValueError(f"class id {bad} out of range: this model has classes 0..{n - 1} (negative = unconditional)")
+        return labels_B
+
+    def _generators(self, seed: int | Sequence[int] | None) -> torch.Generator | list[torch.Generator] | None:
+        if seed is None:
+            return None
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            return torch.Generator(device=self.device).manual_seed(seed)
+        return [torch.Generator(device=self.device).manual_seed(int(s)) for s in seed]
+
+    @torch.inference_mode()
+    def generate(self, labels: Any = None, seed: int | Sequence[int] | None = None, cfg: float = 1.5, top_k: int = 900,
+                 top_p: float = 0.96, more_smooth: bool = False, batch_size: int | None = None,
+                 progress: bool = True, timings: bool = False) -> GenerationOutput:
+        """Sample images class-conditionally with classifier-free guidance.
+
+        Args:
+            labels: class ids (list/tensor), one int for every row (negative = unconditional), or None to draw
+                ``batch_size`` labels from the seeded generator (as upstream does).
+            seed: one int (one generator for the batch: upstream's tokens) or one int per image (each image
+                its own generator: results independent of how images are batched, up to float rounding).
+            cfg: guidance strength; scale k uses ``cfg * k / (K-1)``.
+            top_k: keep the k largest logits (0: off). top_p: nucleus mass (0: off).
+            more_smooth: upstream's Gumbel-softmax token features (smoother images).
+            batch_size: rows when ``labels`` is an int or None.
+            progress: show a progress bar over scales.
+            timings: also measure transformer / sampling / decoder seconds (and per-scale transformer time).
+
+        Example:
+            >>> out = pipe.generate([207, 360], seed=0)  # doctest: +SKIP
+            >>> out.images.shape, [t.shape[1] for t in out.tokens][:3]  # doctest: +SKIP
+            (torch.Size([2, 3, 256, 256]), [1, 4, 9])
+        """
+        if not cfg >= 0:
+            raise ValueError(f"cfg must be >= 0, got {cfg}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
+        if not 0 <= top_p <= 1:
+            raise ValueError(f"top_p must be in [0, 1] (0 disables it), got {top_p}")
+        rng = self._generators(seed)
+        rows = len(rng) if isinstance(rng, list) else None
+        if rows is not None and batch_size is None and (labels is None or isinstance(labels, int)):
+            batch_size = rows
+        labels_B = self._labels(labels, batch_size, rng)
+        if rows is not None and rows != labels_B.numel():
+            raise ValueError(f"got {rows} seeds for {labels_B.numel()} images")
+        return self._sample(labels_B, rng, cfg, top_k, top_p, more_smooth, progress, timings)
+
+    def _sample(self, labels_B, rng, cfg, top_k, top_p, more_smooth, progress, timings) -> GenerationOutput:
+        var, quant, vcfg = self.var, self.vae.quantize, self.config.var
+        B = labels_B.shape[0]
+        n_scales = len(vcfg.patch_nums)
+        clock = _StageClock(timings, self.device)
+        clock.start()
+        cond_BD, block_mods, head_mod = var.conditioning(torch.cat((labels_B, torch.full_like(labels_B, vcfg.num_classes))))
+        level_pos = var.level_pos()
+        x_BLC = var.first_tokens(cond_BD, level_pos)
+        caches = [KVCache(2 * B, vcfg.heads, vcfg.seq_len, vcfg.head_dim, self.dtype, self.device) for _ in var.blocks]
+        ctx = AttnContext(kv_caches=caches, cfg_batch=B)
+        side = vcfg.patch_nums[-1]
+        f_hat = torch.zeros(B, vcfg.z_channels, side, side, device=self.device)
+        codebook = quant.embedding.weight
+        tokens = []
+        for si, pn in enumerate(tqdm(vcfg.patch_nums, desc="scales", disable=not progress, leave=False)):
+            ratio = si / max(n_scales - 1, 1)
+            ctx.scale_index = si
+            logits_2BlV = var.forward_scale(x_BLC, block_mods, head_mod, ctx)
+            clock.totals["per_scale"].append(clock.lap("transformer"))
+            t = cfg * ratio
+            logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
+            idx_Bl, smooth_BlC = sample_tokens(logits_BlV, top_k, top_p, rng, ratio if more_smooth else None, codebook)
+            tokens.append(idx_Bl)
+            h_BlC = smooth_BlC if more_smooth else quant.embedding(idx_Bl)
+            feats_BlC = quant.add_scale(si, f_hat, h_BlC.transpose(1, 2).reshape(B, vcfg.z_channels, pn, pn))
+            if feats_BlC is not None:
+                x_BLC = var.next_tokens(si + 1, feats_BlC, level_pos).repeat(2, 1, 1)
+            clock.lap("sampling")
+        images = self.vae.fhat_to_img(f_hat).add_(1).mul_(0.5)
+        clock.lap("decoder")
+        clock.totals["kv_cache_bytes"] = sum(c.nbytes() for c in caches)
+        return GenerationOutput(images, tokens, labels_B, clock.totals if timings else {})
+
+
+def _build(config: PipelineConfig, var_state, vae_state, var_name: str, vae_name: str) -> tuple[VAR, VQVAE]:
+    with torch.device("meta"):
+        var = VAR(config.var)
+        vae = VQVAE(config.vae)
+    load_strict(var, var_state, f"VAR checkpoint {var_name}")
+    load_strict(vae, vae_state, f"VQ-VAE checkpoint {vae_name}")
+    return var, vae
+
+
+def load_pipeline(var_ckpt: str | Path | None = None, vae_ckpt: str | Path | None = None,
+                  config: str | Path | dict | PipelineConfig | None = None, device: str | torch.device = "cpu",
+                  dtype: str | torch.dtype = torch.float32) -> Pipeline:
+    """Load a VAR transformer and its VQ-VAE strictly (every key and shape must match).
+
+    Args:
+        var_ckpt: ``.pth``/``.safetensors`` path, or a released model name ``"var-d16"`` ... ``"var-d36"``
+            (resolved through the Hugging Face cache; then ``vae_ckpt`` defaults to the released VQ-VAE).
+        vae_ckpt: the VQ-VAE checkpoint path.
+        config: None (inferred from the files), a dict or JSON path in the litevar or upstream keyword
+            format (``{"var": {...}, "vae": {...}}``), or a preset name.
+        device: where to run.
+        dtype: ``torch.float32`` / ``bfloat16`` / ``float16`` (or "fp32", "bf16", "fp16"): weights are cast
+            once; the quantizer and logits stay float32.
+
+    Example:
+        >>> pipe = load_pipeline("var_d16.pth", "vae_ch160v4096z32.pth", dtype="bf16")  # doctest: +SKIP
+        >>> images = pipe.generate([207, 360], seed=0).images  # doctest: +SKIP
+    """
+    dtype = parse_dtype(dtype)
+    device = torch.device(device)
+    if var_ckpt is None:
+        raise CheckpointError("no default model is shipped yet; pass var_ckpt and vae_ckpt paths (or a name like var-d16)")
+    if not Path(var_ckpt).exists() and str(var_ckpt).startswith("var"):
+        hub_var, hub_vae = resolve_hub(str(var_ckpt))
+        var_ckpt, vae_ckpt = hub_var, vae_ckpt or hub_vae
+    if vae_ckpt is None:
+        raise CheckpointError("vae_ckpt is missing: pass the VQ-VAE checkpoint that belongs to this VAR")
+    var_state, vae_state = read_state_dict(var_ckpt), read_state_dict(vae_ckpt)
+    cfg = infer_config(var_state, vae_state) if config is None else load_config(config)
+    var, vae = _build(cfg, var_state, vae_state, str(var_ckpt), str(vae_ckpt))
+    var.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    vae.to(device=device).eval().requires_grad_(False)
+    vae.cast_(dtype)
+    return Pipeline(var, vae, cfg)
