@@ -243,3 +243,20 @@ def load_pipeline(var_ckpt: str | Path | None = None, vae_ckpt: str | Path | Non
     vae.to(device=device).eval().requires_grad_(False)
     vae.cast_(dtype)
     return Pipeline(var, vae, cfg)
+
+
+def random_pipeline(config: str | dict | PipelineConfig, seed: int = 0, device: str | torch.device = "cpu",
+                    dtype: str | torch.dtype = torch.float32) -> Pipeline:
+    """A pipeline with seeded random weights of a given shape (benchmarks, tests, training from scratch).
+
+    Example:
+        >>> pipe = random_pipeline("var-d16", dtype="bf16")  # doctest: +SKIP
+    """
+    cfg = load_config(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        var, vae = VAR(cfg.var), VQVAE(cfg.vae)
+    var.to(device=device, dtype=parse_dtype(dtype)).eval().requires_grad_(False)
+    vae.to(device=device).eval().requires_grad_(False)
+    vae.cast_(parse_dtype(dtype))
+    return Pipeline(var, vae, cfg)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from ..attention.context import AttnContext
 from .attention import SelfAttention
 from .configs import VARConfig
+from .kernels import fused_linear_gelu_tanh
 
 
 class FFN(nn.Module):
@@ -20,7 +21,10 @@ class FFN(nn.Module):
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x_BLC), approximate="tanh"))
+        h_BLH = fused_linear_gelu_tanh(self.fc1, x_BLC)
+        if h_BLH is None:
+            h_BLH = F.gelu(self.fc1(x_BLC), approximate="tanh")
+        return self.fc2(h_BLH)
 
 
 class AdaLNBlock(nn.Module):
