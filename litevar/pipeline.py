@@ -30,6 +30,16 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise ValueError(f"unsupported dtype {dtype!r}; use one of fp32, bf16, fp16")
 
 
+def check_sampling_args(cfg: float, top_k: int, top_p: float) -> None:
+    """Raise ValueError for guidance/filter settings that have no meaning."""
+    if not cfg >= 0:
+        raise ValueError(f"cfg must be >= 0, got {cfg}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
+    if not 0 <= top_p <= 1:
+        raise ValueError(f"top_p must be in [0, 1] (0 disables it), got {top_p}")
+
+
 @dataclass
 class GenerationOutput:
     """Images [B, 3, H, W] in [0, 1], sampled tokens per scale ([B, pn*pn] each), labels [B]
@@ -149,12 +159,7 @@ class Pipeline:
             >>> out.images.shape, [t.shape[1] for t in out.tokens][:3]  # doctest: +SKIP
             (torch.Size([2, 3, 256, 256]), [1, 4, 9])
         """
-        if not cfg >= 0:
-            raise ValueError(f"cfg must be >= 0, got {cfg}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
-        if not 0 <= top_p <= 1:
-            raise ValueError(f"top_p must be in [0, 1] (0 disables it), got {top_p}")
+        check_sampling_args(cfg, top_k, top_p)
         rng = self._generators(seed)
         rows = len(rng) if isinstance(rng, list) else None
         if rows is not None and batch_size is None and (labels is None or isinstance(labels, int)):

@@ -33,8 +33,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint ({reason}); re-download or re-save it") from None
+        text = str(err).strip()
+        if "weights_only" in text or not text:
+            reason = "truncated, corrupted, or holding objects other than tensors, which litevar never unpickles"
+        else:
+            reason = text.splitlines()[0][:200]
+        raise CheckpointError(f"{path} is not a readable checkpoint ({reason}); re-download it or re-save its "
+                              "state_dict") from None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state_dict (a flat dict of tensors); save model.state_dict()")
     return state

@@ -1,0 +1,170 @@
+"""The ``litevar`` command: thin subcommands that build arguments and call the API."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .images import grid, save_png_atomic, to_uint8_hwc
+from .models.configs import ConfigError
+from .models.loading import CheckpointError
+from .pipeline import check_sampling_args, load_pipeline, parse_dtype
+
+RUN_FILE = "run.json"
+
+
+class UsageError(ValueError):
+    """A command-line argument that cannot work."""
+
+
+def _classes(text: str) -> list[int]:
+    try:
+        classes = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise UsageError(f"--classes must be comma-separated integers, got {text!r}") from None
+    if not classes:
+        raise UsageError("--classes is empty; give e.g. --classes 207,360")
+    return classes
+
+
+def image_name(label: int, seed: int) -> str:
+    return f"class{label:04d}_seed{seed:06d}.png"
+
+
+def _check_writable(folder: Path) -> None:
+    """Fail before any work if the folder (or the nearest existing parent that would hold it) is not writable."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to output folder {folder} ({existing} is not a writable folder); "
+                         "choose another --out")
+
+
+def _check_run(folder: Path, run: dict, overwrite: bool) -> None:
+    """Resume only the same run; refuse to mix outputs of different settings unless --overwrite."""
+    path = folder / RUN_FILE
+    if path.exists() and not overwrite:
+        previous = json.loads(path.read_text())
+        changed = sorted(k for k in run.keys() | previous.keys() if run.get(k) != previous.get(k) and k != "classes_done")
+        if changed:
+            raise UsageError(f"{folder} holds images of a different run (differs in {', '.join(changed)}); "
+                             "use another --out, or --overwrite to replace them")
+    elif not path.exists() and not overwrite and any(folder.glob("class*_seed*.png")):
+        raise UsageError(f"{folder} already holds images not made by litevar generate; use another --out or --overwrite")
+    tmp = path.with_name(RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps(run, indent=1))
+    os.replace(tmp, path)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    classes = _classes(args.classes)
+    if args.per_class < 1:
+        raise UsageError(f"--per-class must be >= 1, got {args.per_class}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    sampling = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth)
+    check_sampling_args(args.cfg, args.top_k, args.top_p)
+    dtype = parse_dtype(args.dtype)
+    out = Path(args.out)
+    _check_writable(out)
+    pipe = load_pipeline(args.var_ckpt, args.vae_ckpt, config=args.config, device=args.device, dtype=dtype)
+    bad = [c for c in classes if c >= pipe.num_classes]
+    if bad:
+        raise UsageError(f"class id {bad[0]} out of range: this model has classes 0..{pipe.num_classes - 1} "
+                         "(negative = unconditional)")
+    run = {"var_ckpt": str(args.var_ckpt), "vae_ckpt": str(args.vae_ckpt), "config": str(args.config),
+           "dtype": args.dtype, "seed": args.seed, **sampling}
+    out.mkdir(parents=True, exist_ok=True)
+    _check_run(out, run, args.overwrite)
+    jobs = [(c, args.seed + i) for c in classes for i in range(args.per_class)]
+    todo = [j for j in jobs if args.overwrite or not (out / image_name(*j)).exists()]
+    token_dir = out / ".tokens"
+    if args.save_tokens:
+        token_dir.mkdir(exist_ok=True)
+        todo = [j for j in jobs if j in todo or not (token_dir / (image_name(*j) + ".pt")).exists()]
+    bar = tqdm(total=len(todo), desc="images", unit="img", disable=args.no_progress)
+    for start in range(0, len(todo), args.batch_size):
+        batch = todo[start:start + args.batch_size]
+        result = pipe.generate([c for c, _ in batch], seed=[s for _, s in batch], progress=False, **sampling)
+        for row, (label, seed) in enumerate(batch):
+            save_png_atomic(to_uint8_hwc(result.images[row]), out / image_name(label, seed))
+            if args.save_tokens:
+                tmp = token_dir / f".{image_name(label, seed)}.pt.tmp"
+                torch.save([t[row].clone() for t in result.tokens], tmp)
+                os.replace(tmp, token_dir / (image_name(label, seed) + ".pt"))
+        bar.update(len(batch))
+    bar.close()
+    tiles = [np.asarray(Image.open(out / image_name(*j)).convert("RGB")) for j in jobs]
+    save_grid = grid(tiles, args.per_class, [str(c) for c in classes])
+    tmp = out / ".grid.png.tmp"
+    save_grid.save(tmp, format="PNG")
+    os.replace(tmp, out / "grid.png")
+    if args.save_tokens:
+        _write_tokens(Path(args.save_tokens), token_dir, jobs)
+    print(f"wrote {len(jobs)} images ({len(jobs) - len(todo)} already there) and {out / 'grid.png'}")
+
+
+def _write_tokens(path: Path, token_dir: Path, jobs: list[tuple[int, int]]) -> None:
+    per_image = [torch.load(token_dir / (image_name(*j) + ".pt"), weights_only=True) for j in jobs]
+    tokens = [torch.stack([img[si] for img in per_image]) for si in range(len(per_image[0]))]
+    payload = {"labels": torch.tensor([c for c, _ in jobs]), "seeds": torch.tensor([s for _, s in jobs]),
+               **{f"tokens.{si}": t for si, t in enumerate(tokens)}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    print(f"wrote tokens of {len(jobs)} images to {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="litevar", description="Load, compress and measure VAR image generators.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="sample class-conditional images to PNG files")
+    gen.add_argument("--var-ckpt", help="VAR checkpoint (.pth/.safetensors) or a released name (var-d16 ... var-d36)")
+    gen.add_argument("--vae-ckpt", help="VQ-VAE checkpoint (optional with a released name)")
+    gen.add_argument("--config", help="config JSON (litevar or upstream keywords); default: inferred from the files")
+    gen.add_argument("--classes", required=True, help="comma-separated class ids, e.g. 207,360")
+    gen.add_argument("--per-class", type=int, default=1, help="images per class")
+    gen.add_argument("--seed", type=int, default=0, help="image i of each class uses seed + i")
+    gen.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance strength")
+    gen.add_argument("--top-k", type=int, default=900)
+    gen.add_argument("--top-p", type=float, default=0.96)
+    gen.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax token features (smoother images)")
+    gen.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--out", required=True, help="output folder")
+    gen.add_argument("--save-tokens", help="also write the sampled tokens of every image to this .pt file")
+    gen.add_argument("--overwrite", action="store_true", help="replace existing outputs instead of resuming")
+    gen.add_argument("--no-progress", action="store_true")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (UsageError, CheckpointError, ConfigError, ValueError) as err:
+        print(f"litevar: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"litevar: error: {err.strerror or err}: {err.filename or ''}; check the path and permissions",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("litevar: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

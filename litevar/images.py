@@ -1,0 +1,36 @@
+"""Writing images: atomic PNG files and labelled grids."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+def to_uint8_hwc(image_3HW: torch.Tensor) -> np.ndarray:
+    """[3, H, W] in [0, 1] -> uint8 [H, W, 3] (round to nearest)."""
+    return image_3HW.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def save_png_atomic(array_HW3: np.ndarray, path: Path) -> None:
+    """Write to a temporary name next to ``path`` then rename, so a killed run never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(array_HW3).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def grid(images: list[np.ndarray], columns: int, row_labels: list[str] | None = None) -> Image.Image:
+    """Tile equally sized uint8 HWC images row-major; optional text label at the left of each row."""
+    h, w = images[0].shape[:2]
+    rows = (len(images) + columns - 1) // columns
+    margin = 0 if row_labels is None else 64
+    canvas = Image.new("RGB", (margin + columns * w, rows * h), "white")
+    for i, image in enumerate(images):
+        canvas.paste(Image.fromarray(image), (margin + (i % columns) * w, (i // columns) * h))
+    if row_labels is not None:
+        draw = ImageDraw.Draw(canvas)
+        for r, label in enumerate(row_labels[:rows]):
+            draw.text((4, r * h + h // 2 - 5), label, fill="black")
+    return canvas
