@@ -115,19 +115,17 @@ class Pipeline:
                 return torch.cat([torch.multinomial(uniform, 1, replacement=True, generator=g).view(1) for g in rng])
             return torch.multinomial(uniform, batch_size, replacement=True, generator=rng).reshape(batch_size)
         if isinstance(labels, int) and not isinstance(labels, bool):
-            label = n if labels < 0 else labels
-            labels_B = torch.full((batch_size or 1,), label, dtype=torch.long, device=self.device)
+            labels_B = torch.full((batch_size or 1,), labels, dtype=torch.long, device=self.device)
         else:
             labels_B = torch.as_tensor(labels, device=self.device).flatten()
             if labels_B.numel() == 0 or labels_B.dtype.is_floating_point or labels_B.dtype == torch.bool:
                 raise ValueError("labels must be a non-empty list of integer class ids")
-            labels_B = torch.where(labels_B < 0, n, labels_B.long())
             if batch_size is not None and batch_size != labels_B.numel():
                 raise ValueError(f"batch_size {batch_size} differs from the {labels_B.numel()} labels given")
-        if int(labels_B.max()) > n:
-            bad = int(labels_B.max())
-            raise ValueError(f"class id {bad} out of range: this model has classes 0..{n - 1} (negative = unconditional)")
-        return labels_B
+        if int(labels_B.max()) >= n:
+            raise ValueError(f"class id {int(labels_B.max())} out of range: this model has classes 0..{n - 1} "
+                             "(negative = unconditional)")
+        return torch.where(labels_B < 0, n, labels_B.long())
 
     def _generators(self, seed: int | Sequence[int] | None) -> torch.Generator | list[torch.Generator] | None:
         if seed is None:
