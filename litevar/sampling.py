@@ -11,8 +11,28 @@ import torch
 Rng = torch.Generator | Sequence[torch.Generator] | None
 
 
+def _filter_sorted_top_k_(logits_BlV: torch.Tensor, top_k: int, top_p: float) -> bool:
+    """Top-k then top-p using only the k sorted survivors instead of sorting the whole vocabulary.
+
+    Upstream sorts all V logits ascending; after top-k the -inf entries come first and add exact zeros to
+    the cumulative sum, so the nucleus is decided by the k survivors in ascending order alone. Returns
+    False (nothing changed) when a row has ties at the k-th value, where more than k entries survive.
+    """
+    vals_Blk, idx_Blk = logits_BlV.topk(top_k, dim=-1, largest=True, sorted=True)
+    survivors = (logits_BlV >= vals_Blk[..., -1:]).sum(dim=-1)
+    if not bool((survivors == top_k).all()):
+        return False
+    ascending = vals_Blk.flip(-1)
+    remove = ascending.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+    remove[..., -1:] = False
+    logits_BlV.fill_(-torch.inf).scatter_(-1, idx_Blk.flip(-1), ascending.masked_fill_(remove, -torch.inf))
+    return True
+
+
 def filter_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
     """Set logits outside the top-k (ties kept) and outside the top-p nucleus to -inf, in place."""
+    if 0 < top_k < logits_BlV.shape[-1] and top_p > 0 and _filter_sorted_top_k_(logits_BlV, top_k, top_p):
+        return logits_BlV
     if top_k > 0:
         kth_Bl1 = logits_BlV.topk(min(top_k, logits_BlV.shape[-1]), dim=-1, largest=True, sorted=False)[0]
         logits_BlV.masked_fill_(logits_BlV < kth_Bl1.amin(dim=-1, keepdim=True), -torch.inf)
