@@ -45,18 +45,32 @@ def cpu_flags() -> dict:
             "flags": [f for f in wanted if f in flags], "torch": torch.__version__}
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Restart the peak counters: CUDA's, and Linux's per-process peak RSS (VmHWM) via clear_refs."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    elif Path("/proc/self/clear_refs").exists():
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_memory_mb(device: torch.device) -> float:
+    """Max allocated (GPU) or peak RSS of this process (VmHWM: unlike ru_maxrss it is not inherited from the
+    parent across fork/exec, so a subprocess reports its own peak)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def bench_litevar(model: str, dtype: str, batch: int, repeats: int, device: torch.device) -> dict:
+    reset_peak_memory(device)
     pipe = random_pipeline(model, seed=0, device=device, dtype=dtype)
     labels = [i % pipe.num_classes for i in range(batch)]
     pipe.generate(labels, seed=0, cfg=CFG, top_k=TOP_K, top_p=TOP_P, progress=False)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     runs = []
     for r in range(repeats):
         start = time.perf_counter()
@@ -126,7 +140,6 @@ def main() -> None:
     results = []
     for dtype in args.dtypes:
         for batch in args.batches:
-            # each configuration in its own process would isolate peak RSS; ru_maxrss is a high-water mark
             row = {"litevar": bench_litevar(args.model, dtype, batch, args.repeats, device)}
             print(json.dumps(row["litevar"]), flush=True)
             results.append(row)
