@@ -1,6 +1,7 @@
 """Labels and seeds -> tokens -> images: the KV-cached next-scale sampler with classifier-free guidance."""
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -234,7 +235,7 @@ def load_pipeline(var_ckpt: str | Path | None = None, vae_ckpt: str | Path | Non
     device = torch.device(device)
     if var_ckpt is None:
         raise CheckpointError("no default model is shipped yet; pass var_ckpt and vae_ckpt paths (or a name like var-d16)")
-    if not Path(var_ckpt).exists() and str(var_ckpt).startswith("var"):
+    if not Path(var_ckpt).exists() and re.fullmatch(r"var[-_]d\d+", str(var_ckpt)):
         hub_var, hub_vae = resolve_hub(str(var_ckpt))
         var_ckpt, vae_ckpt = hub_var, vae_ckpt or hub_vae
     if vae_ckpt is None:

@@ -121,6 +121,8 @@ def test_non_state_dict_and_missing_file(tmp_path, ref_dir):
         litevar.load_pipeline(odd, ref_dir / "tiny_vae.pth")
     with pytest.raises(CheckpointError, match="does not exist"):
         litevar.load_pipeline(tmp_path / "nope.pth", ref_dir / "tiny_vae.pth")
+    with pytest.raises(CheckpointError, match="var_d16.pth does not exist"):
+        litevar.load_pipeline("var_d16.pth", ref_dir / "tiny_vae.pth")
     with pytest.raises(CheckpointError, match="vae_ckpt is missing"):
         litevar.load_pipeline(ref_dir / "tiny_var.pth")
 
