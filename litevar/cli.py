@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .files import write_atomic
 from .images import grid, save_png_atomic, to_uint8_hwc
 from .models.configs import ConfigError
 from .models.loading import CheckpointError
@@ -53,15 +54,13 @@ def _check_run(folder: Path, run: dict, overwrite: bool) -> None:
     path = folder / RUN_FILE
     if path.exists() and not overwrite:
         previous = json.loads(path.read_text())
-        changed = sorted(k for k in run.keys() | previous.keys() if run.get(k) != previous.get(k) and k != "classes_done")
+        changed = sorted(k for k in run.keys() | previous.keys() if run.get(k) != previous.get(k))
         if changed:
             raise UsageError(f"{folder} holds images of a different run (differs in {', '.join(changed)}); "
                              "use another --out, or --overwrite to replace them")
     elif not path.exists() and not overwrite and any(folder.glob("class*_seed*.png")):
         raise UsageError(f"{folder} already holds images not made by litevar generate; use another --out or --overwrite")
-    tmp = path.with_name(RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps(run, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(run, indent=1)))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -76,10 +75,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     out = Path(args.out)
     _check_writable(out)
     pipe = load_pipeline(args.var_ckpt, args.vae_ckpt, config=args.config, device=args.device, dtype=dtype)
-    bad = [c for c in classes if c >= pipe.num_classes]
-    if bad:
-        raise UsageError(f"class id {bad[0]} out of range: this model has classes 0..{pipe.num_classes - 1} "
-                         "(negative = unconditional)")
+    pipe.check_labels(classes)
     run = {"var_ckpt": str(args.var_ckpt), "vae_ckpt": str(args.vae_ckpt), "config": str(args.config),
            "dtype": args.dtype, "seed": args.seed, **sampling}
     out.mkdir(parents=True, exist_ok=True)
@@ -97,16 +93,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
         for row, (label, seed) in enumerate(batch):
             save_png_atomic(to_uint8_hwc(result.images[row]), out / image_name(label, seed))
             if args.save_tokens:
-                tmp = token_dir / f".{image_name(label, seed)}.pt.tmp"
-                torch.save([t[row].clone() for t in result.tokens], tmp)
-                os.replace(tmp, token_dir / (image_name(label, seed) + ".pt"))
+                row_tokens = [t[row].clone() for t in result.tokens]
+                write_atomic(token_dir / (image_name(label, seed) + ".pt"), lambda tmp: torch.save(row_tokens, tmp))
         bar.update(len(batch))
     bar.close()
     tiles = [np.asarray(Image.open(out / image_name(*j)).convert("RGB")) for j in jobs]
-    save_grid = grid(tiles, args.per_class, [str(c) for c in classes])
-    tmp = out / ".grid.png.tmp"
-    save_grid.save(tmp, format="PNG")
-    os.replace(tmp, out / "grid.png")
+    labelled = grid(tiles, args.per_class, [str(c) for c in classes])
+    write_atomic(out / "grid.png", lambda tmp: labelled.save(tmp, format="PNG"))
     if args.save_tokens:
         _write_tokens(Path(args.save_tokens), token_dir, jobs)
     print(f"wrote {len(jobs)} images ({len(jobs) - len(todo)} already there) and {out / 'grid.png'}")
@@ -118,9 +111,7 @@ def _write_tokens(path: Path, token_dir: Path, jobs: list[tuple[int, int]]) -> N
     payload = {"labels": torch.tensor([c for c, _ in jobs]), "seeds": torch.tensor([s for _, s in jobs]),
                **{f"tokens.{si}": t for si, t in enumerate(tokens)}}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(payload, tmp))
     print(f"wrote tokens of {len(jobs)} images to {path}")
 
 

@@ -1,12 +1,13 @@
 """Writing images: atomic PNG files and labelled grids."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from .files import write_atomic
 
 
 def to_uint8_hwc(image_3HW: torch.Tensor) -> np.ndarray:
@@ -15,10 +16,7 @@ def to_uint8_hwc(image_3HW: torch.Tensor) -> np.ndarray:
 
 
 def save_png_atomic(array_HW3: np.ndarray, path: Path) -> None:
-    """Write to a temporary name next to ``path`` then rename, so a killed run never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array_HW3).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: Image.fromarray(array_HW3).save(tmp, format="PNG"))
 
 
 def grid(images: list[np.ndarray], columns: int, row_labels: list[str] | None = None) -> Image.Image:

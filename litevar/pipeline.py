@@ -123,10 +123,15 @@ class Pipeline:
                 raise ValueError("labels must be a non-empty list of integer class ids")
             if batch_size is not None and batch_size != labels_B.numel():
                 raise ValueError(f"batch_size {batch_size} differs from the {labels_B.numel()} labels given")
-        if int(labels_B.max()) >= n:
-            raise ValueError(f"class id {int(labels_B.max())} out of range: this model has classes 0..{n - 1} "
-                             "(negative = unconditional)")
+        self.check_labels([int(labels_B.max())])
         return torch.where(labels_B < 0, n, labels_B.long())
+
+    def check_labels(self, labels: Sequence[int]) -> None:
+        """Raise ValueError for a class id this model does not have (negative ids mean unconditional)."""
+        bad = [c for c in labels if c >= self.num_classes]
+        if bad:
+            raise ValueError(f"class id {bad[0]} out of range: this model has classes 0..{self.num_classes - 1} "
+                             "(negative = unconditional)")
 
     def _generators(self, seed: int | Sequence[int] | None) -> torch.Generator | list[torch.Generator] | None:
         if seed is None:
