@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install test bench clean
+.PHONY: install test bench clean data default-model demo quality
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,32 @@ test: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_sampling.py --model var-d16 --dtypes bf16 fp32 --batches 8 1 \
 		--out benchmarks/results/sampling_cpu_d16.json
+
+# Fashion-MNIST from the Debian package, unpacked under .data/ without root when it is not installed.
+FMNIST := .data/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+data:
+	@if [ -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; then echo "Fashion-MNIST: /usr/share/datasets/fashion-mnist"; \
+	else $(MAKE) --no-print-directory $(FMNIST); fi
+
+$(FMNIST):
+	mkdir -p .data
+	cd .data && apt-get download dataset-fashion-mnist && dpkg -x dataset-fashion-mnist_*.deb . && rm -f dataset-fashion-mnist_*.deb
+
+# The whole default model from scratch (about 1.5 h on a 2-core CPU); rerun to resume after an interruption.
+default-model: $(BIN)/.installed data
+	$(BIN)/litevar train-vae --out runs/default/vae --threads 2
+	$(BIN)/litevar train-var --vae runs/default/vae/vae.safetensors --out runs/default/var --threads 2
+	$(BIN)/python -m litevar.train.ship runs/default
+
+# 10 classes x 8 samples of the shipped default model: per-image PNGs and a labelled grid.
+demo: $(BIN)/.installed
+	$(BIN)/litevar generate --per-class 8 --out demo
+
+# The README's quality table of the default model (FD-EffLite0, precision/recall, class-consistency, PSNR).
+quality: $(BIN)/.installed data
+	$(BIN)/litevar quality real
+	$(BIN)/litevar quality recon
+	$(BIN)/litevar quality generated --cfg 1.5
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -16,7 +16,11 @@ from .files import write_atomic
 from .images import grid, save_png_atomic, to_uint8_hwc
 from .models.configs import ConfigError
 from .models.loading import CheckpointError
-from .pipeline import check_sampling_args, load_pipeline, parse_dtype
+from .pipeline import SAMPLING_DEFAULTS, check_sampling_args, load_pipeline, parse_dtype
+from .eval.commands import add_eval_commands
+from .train.commands import add_train_commands
+from .train.loop import TrainingError
+from .train.data import DatasetError
 
 RUN_FILE = "run.json"
 
@@ -64,20 +68,22 @@ def _check_run(folder: Path, run: dict, overwrite: bool) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    classes = _classes(args.classes)
+    classes = _classes(args.classes) if args.classes is not None else None
     if args.per_class < 1:
         raise UsageError(f"--per-class must be >= 1, got {args.per_class}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    sampling = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth)
-    check_sampling_args(args.cfg, args.top_k, args.top_p)
+    given = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth)
+    check_sampling_args(*(SAMPLING_DEFAULTS[k] if given[k] is None else given[k] for k in ("cfg", "top_k", "top_p")))
     dtype = parse_dtype(args.dtype)
     out = Path(args.out)
     _check_writable(out)
     pipe = load_pipeline(args.var_ckpt, args.vae_ckpt, config=args.config, device=args.device, dtype=dtype)
+    sampling = {k: pipe.sampling[k] if v is None else v for k, v in given.items()}
+    classes = list(range(pipe.num_classes)) if classes is None else classes
     pipe.check_labels(classes)
-    run = {"var_ckpt": str(args.var_ckpt), "vae_ckpt": str(args.vae_ckpt), "config": str(args.config),
-           "dtype": args.dtype, "seed": args.seed, **sampling}
+    run = {"var_ckpt": str(args.var_ckpt or "default"), "vae_ckpt": str(args.vae_ckpt or "default"),
+           "config": str(args.config), "dtype": args.dtype, "seed": args.seed, **sampling}
     out.mkdir(parents=True, exist_ok=True)
     _check_run(out, run, args.overwrite)
     jobs = [(c, args.seed + i) for c in classes for i in range(args.per_class)]
@@ -98,7 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         bar.update(len(batch))
     bar.close()
     tiles = [np.asarray(Image.open(out / image_name(*j)).convert("RGB")) for j in jobs]
-    labelled = grid(tiles, args.per_class, [str(c) for c in classes])
+    labelled = grid(tiles, args.per_class, [pipe.class_names[c] if c >= 0 else "uncond" for c in classes])
     write_atomic(out / "grid.png", lambda tmp: labelled.save(tmp, format="PNG"))
     if args.save_tokens:
         _write_tokens(Path(args.save_tokens), token_dir, jobs)
@@ -119,16 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="litevar", description="Load, compress and measure VAR image generators.")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="sample class-conditional images to PNG files")
-    gen.add_argument("--var-ckpt", help="VAR checkpoint (.pth/.safetensors) or a released name (var-d16 ... var-d36)")
+    gen.add_argument("--var-ckpt", help="VAR checkpoint (.pth/.safetensors) or a released name (var-d16 ... var-d36); "
+                     "default: the shipped Fashion-MNIST model")
     gen.add_argument("--vae-ckpt", help="VQ-VAE checkpoint (optional with a released name)")
     gen.add_argument("--config", help="config JSON (litevar or upstream keywords); default: inferred from the files")
-    gen.add_argument("--classes", required=True, help="comma-separated class ids, e.g. 207,360")
+    gen.add_argument("--classes", help="comma-separated class ids, e.g. 207,360 (default: every class)")
     gen.add_argument("--per-class", type=int, default=1, help="images per class")
     gen.add_argument("--seed", type=int, default=0, help="image i of each class uses seed + i")
-    gen.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance strength")
-    gen.add_argument("--top-k", type=int, default=900)
-    gen.add_argument("--top-p", type=float, default=0.96)
-    gen.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax token features (smoother images)")
+    gen.add_argument("--cfg", type=float, help="classifier-free guidance strength (default: the model card's, else 1.5)")
+    gen.add_argument("--top-k", type=int, help="default: the model card's, else 900")
+    gen.add_argument("--top-p", type=float, help="default: the model card's, else 0.96")
+    gen.add_argument("--more-smooth", action="store_true", default=None,
+                     help="Gumbel-softmax token features (smoother images)")
     gen.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--batch-size", type=int, default=8)
@@ -137,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--overwrite", action="store_true", help="replace existing outputs instead of resuming")
     gen.add_argument("--no-progress", action="store_true")
     gen.set_defaults(func=cmd_generate)
+    add_train_commands(sub)
+    add_eval_commands(sub)
     return parser
 
 
@@ -144,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UsageError, CheckpointError, ConfigError, ValueError) as err:
+    except (UsageError, CheckpointError, ConfigError, ValueError, TrainingError, DatasetError) as err:
         print(f"litevar: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:

@@ -20,10 +20,15 @@ def save_png_atomic(array_HW3: np.ndarray, path: Path) -> None:
 
 
 def grid(images: list[np.ndarray], columns: int, row_labels: list[str] | None = None) -> Image.Image:
-    """Tile equally sized uint8 HWC images row-major; optional text label at the left of each row."""
+    """Tile equally sized uint8 HWC images row-major; optional text label at the left of each row.
+
+    Images smaller than 96 px are enlarged (nearest neighbour, integer factor) so that the grid is viewable."""
+    scale = max(1, 96 // images[0].shape[0])
+    if scale > 1:
+        images = [np.repeat(np.repeat(img, scale, axis=0), scale, axis=1) for img in images]
     h, w = images[0].shape[:2]
     rows = (len(images) + columns - 1) // columns
-    margin = 0 if row_labels is None else 64
+    margin = 0 if row_labels is None else 72
     canvas = Image.new("RGB", (margin + columns * w, rows * h), "white")
     for i, image in enumerate(images):
         canvas.paste(Image.fromarray(image), (margin + (i % columns) * w, (i // columns) * h))

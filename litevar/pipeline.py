@@ -15,10 +15,12 @@ from .attention.context import AttnContext
 from .attention.kv_cache import KVCache
 from .models.configs import PipelineConfig, load_config
 from .models.loading import CheckpointError, infer_config, load_strict, read_state_dict, resolve_hub
+from .models.default import default_model
 from .models.var import VAR
 from .models.vqvae import VQVAE
 from .sampling import sample_tokens
 
+SAMPLING_DEFAULTS = {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "more_smooth": False}
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -87,10 +89,13 @@ class Pipeline:
     ``pipe.vae.img_to_idx`` / ``pipe.vae.idx_to_img`` tokenize and decode (images in [-1, 1] there).
     """
 
-    def __init__(self, var: VAR, vae: VQVAE, config: PipelineConfig) -> None:
+    def __init__(self, var: VAR, vae: VQVAE, config: PipelineConfig, sampling: dict | None = None,
+                 class_names: Sequence[str] | None = None) -> None:
         self.var = var
         self.vae = vae
         self.config = config
+        self.sampling = {**SAMPLING_DEFAULTS, **(sampling or {})}
+        self.class_names = list(class_names) if class_names else [str(c) for c in range(config.var.num_classes)]
 
     @property
     def device(self) -> torch.device:
@@ -141,8 +146,9 @@ class Pipeline:
         return [torch.Generator(device=self.device).manual_seed(int(s)) for s in seed]
 
     @torch.inference_mode()
-    def generate(self, labels: Any = None, seed: int | Sequence[int] | None = None, cfg: float = 1.5, top_k: int = 900,
-                 top_p: float = 0.96, more_smooth: bool = False, batch_size: int | None = None,
+    def generate(self, labels: Any = None, seed: int | Sequence[int] | None = None, cfg: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, more_smooth: bool | None = None,
+                 batch_size: int | None = None,
                  progress: bool = True, timings: bool = False) -> GenerationOutput:
         """Sample images class-conditionally with classifier-free guidance.
 
@@ -154,6 +160,8 @@ class Pipeline:
             cfg: guidance strength; scale k uses ``cfg * k / (K-1)``.
             top_k: keep the k largest logits (0: off). top_p: nucleus mass (0: off).
             more_smooth: upstream's Gumbel-softmax token features (smoother images).
+                cfg/top_k/top_p/more_smooth left as None take ``pipe.sampling`` (the model card's
+                recommendation for the shipped model, upstream's 1.5/900/0.96 otherwise).
             batch_size: rows when ``labels`` is an int or None.
             progress: show a progress bar over scales.
             timings: also measure transformer / sampling / decoder seconds (and per-scale transformer time).
@@ -163,6 +171,8 @@ class Pipeline:
             >>> out.images.shape, [t.shape[1] for t in out.tokens][:3]  # doctest: +SKIP
             (torch.Size([2, 3, 256, 256]), [1, 4, 9])
         """
+        chosen = dict(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth)
+        cfg, top_k, top_p, more_smooth = (self.sampling[k] if v is None else v for k, v in chosen.items())
         check_sampling_args(cfg, top_k, top_p)
         rng = self._generators(seed)
         rows = len(rng) if isinstance(rng, list) else None
@@ -225,6 +235,8 @@ def load_pipeline(var_ckpt: str | Path | None = None, vae_ckpt: str | Path | Non
     Args:
         var_ckpt: ``.pth``/``.safetensors`` path, or a released model name ``"var-d16"`` ... ``"var-d36"``
             (resolved through the Hugging Face cache; then ``vae_ckpt`` defaults to the released VQ-VAE).
+            None (and no ``vae_ckpt``): the shipped default model (Fashion-MNIST, see its model card),
+            with its recommended sampling settings as ``pipe.sampling``.
         vae_ckpt: the VQ-VAE checkpoint path.
         config: None (inferred from the files), a dict or JSON path in the litevar or upstream keyword
             format (``{"var": {...}, "vae": {...}}``), or a preset name.
@@ -238,8 +250,13 @@ def load_pipeline(var_ckpt: str | Path | None = None, vae_ckpt: str | Path | Non
     """
     dtype = parse_dtype(dtype)
     device = torch.device(device)
+    sampling = class_names = None
     if var_ckpt is None:
-        raise CheckpointError("no default model is shipped yet; pass var_ckpt and vae_ckpt paths (or a name like var-d16)")
+        if vae_ckpt is not None:
+            raise CheckpointError("vae_ckpt was given without var_ckpt; pass both, or neither for the default model")
+        var_ckpt, vae_ckpt, card = default_model()
+        config = card["config"] if config is None else config
+        sampling, class_names = card["sampling"], card.get("class_names")
     if not Path(var_ckpt).exists() and re.fullmatch(r"var[-_]d\d+", str(var_ckpt)):
         hub_var, hub_vae = resolve_hub(str(var_ckpt))
         var_ckpt, vae_ckpt = hub_var, vae_ckpt or hub_vae
@@ -251,7 +268,7 @@ def load_pipeline(var_ckpt: str | Path | None = None, vae_ckpt: str | Path | Non
     var.to(device=device, dtype=dtype).eval().requires_grad_(False)
     vae.to(device=device).eval().requires_grad_(False)
     vae.cast_(dtype)
-    return Pipeline(var, vae, cfg)
+    return Pipeline(var, vae, cfg, sampling, class_names)
 
 
 def random_pipeline(config: str | dict | PipelineConfig, seed: int = 0, device: str | torch.device = "cpu",

@@ -67,7 +67,8 @@ class MultiScaleQuantizer(nn.Module):
         self.quant_resi = PhiSet(cfg)
         self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(cfg.patch_nums), cfg.vocab_size))
 
-    def _upsampled(self, si: int, h_BChw: torch.Tensor) -> torch.Tensor:
+    def upsample_refine(self, si: int, h_BChw: torch.Tensor) -> torch.Tensor:
+        """Scale si's token map [B, C, pn, pn] bicubically upsampled to the last scale's size, then Phi."""
         side = self.patch_nums[-1]
         if si != len(self.patch_nums) - 1:
             h_BChw = F.interpolate(h_BChw, size=(side, side), mode="bicubic")
@@ -92,7 +93,7 @@ class MultiScaleQuantizer(nn.Module):
         for si, pn in enumerate(self.patch_nums):
             z_BChw = F.interpolate(f_rest, size=(pn, pn), mode="area") if si != last else f_rest
             idx_N = self.nearest(z_BChw.permute(0, 2, 3, 1).reshape(-1, C))
-            h_BChw = self._upsampled(si, self.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2).contiguous())
+            h_BChw = self.upsample_refine(si, self.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2).contiguous())
             f_rest.sub_(h_BChw)
             idx_list.append(idx_N.reshape(B, pn * pn))
         return idx_list
@@ -103,7 +104,7 @@ class MultiScaleQuantizer(nn.Module):
         Returns the next scale's input features [B, pn_next^2, C] (area-downsampled f_hat), or None after
         the last scale.
         """
-        f_hat_BChw.add_(self._upsampled(si, h_BChw))
+        f_hat_BChw.add_(self.upsample_refine(si, h_BChw))
         if si == len(self.patch_nums) - 1:
             return None
         pn_next = self.patch_nums[si + 1]

@@ -1,0 +1,142 @@
+"""VAR training: block-causal teacher forcing on a frozen VQ-VAE's token pyramids, label dropout for CFG.
+
+The dataset is tokenized once (cached next to the run, tied to the VQ-VAE file's hash); every step builds
+the teacher-forcing input from the tokens (``idx_to_var_input``) and trains on cross-entropy over all
+scales, as upstream VAR does.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..files import write_atomic
+from ..models.configs import VARConfig
+from ..models.var import VAR
+from ..models.vqvae import VQVAE
+from .data import ImageSet, to_model_range
+from .export import save_model
+from .loop import TrainConfig, Trainer
+
+VAR_WEIGHTS = "var.safetensors"
+TOKENS_FILE = "tokens.pt"
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def init_var_weights(var: VAR, init_adaln: float = 0.5, init_gamma: float = 1e-5, init_head: float = 0.02) -> None:
+    """Initialisation for training from scratch: small truncated-normal weights, AdaLN gammas near zero
+    (every block starts close to the identity), a small head, residual outputs scaled by depth."""
+    width, depth = var.cfg.width, var.cfg.depth
+    std = math.sqrt(1 / width / 3)
+    for module in var.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            nn.init.trunc_normal_(module.weight, std=std)
+    for param in (var.pos_start, var.pos_1LC):
+        nn.init.trunc_normal_(param, std=std)
+    var.head.weight.mul_(init_head)
+    var.head_nm.ada_lin[-1].weight.mul_(init_adaln)
+    for block in var.blocks:
+        block.attn.proj.weight.div_(math.sqrt(2 * depth))
+        block.ffn.fc2.weight.div_(math.sqrt(2 * depth))
+        if not var.cfg.shared_aln:
+            ada = block.ada_lin[-1].weight
+            ada[:2 * width].mul_(init_gamma)
+            ada[2 * width:].mul_(init_adaln)
+
+
+@torch.no_grad()
+def tokenize(vae: VQVAE, data: ImageSet, batch_size: int = 256, progress: bool = True) -> torch.Tensor:
+    """Token pyramids of every image, concatenated over scales: int16 [N, L]."""
+    out = []
+    for start in tqdm(range(0, len(data), batch_size), disable=not progress, desc="tokenize"):
+        idx = vae.img_to_idx(to_model_range(data.images[start:start + batch_size]))
+        out.append(torch.cat(idx, dim=1).to(torch.int16))
+    return torch.cat(out)
+
+
+def cached_tokens(vae: VQVAE, vae_path: Path, data: ImageSet, out_dir: Path, progress: bool) -> torch.Tensor:
+    """Tokens from ``out_dir/tokens.pt`` when they were made by the same VQ-VAE file and data, else computed."""
+    key = f"{file_sha256(vae_path)}:{len(data)}:{hashlib.sha256(data.images.tobytes()).hexdigest()[:16]}"
+    path = out_dir / TOKENS_FILE
+    if path.exists():
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        if cached.get("key") == key:
+            return cached["tokens"]
+    tokens = tokenize(vae, data, progress=progress)
+    write_atomic(path, lambda tmp: torch.save({"key": key, "tokens": tokens}, tmp))
+    return tokens
+
+
+def teacher_forcing_batch(vae: VQVAE, tokens_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(VAR input [B, L - first_l, Cvae], targets [B, L]) from concatenated token pyramids."""
+    targets = tokens_BL.long()
+    sizes = [pn * pn for pn in vae.cfg.patch_nums]
+    with torch.no_grad():
+        x_BLCv = vae.quantize.idx_to_var_input(list(targets.split(sizes, dim=1)))
+    return x_BLCv, targets
+
+
+def train_var(data: ImageSet, vae_path: str | Path, cfg: VARConfig, train: TrainConfig, out_dir: str | Path,
+              label_drop: float = 0.1, progress: bool = True) -> dict:
+    """Train a class-conditional VAR on ``data`` with the VQ-VAE in ``vae_path``; resumable in ``out_dir``.
+
+    Label dropout replaces a label by the null class ``cfg.num_classes`` with probability ``label_drop``
+    (what classifier-free guidance needs). Writes ``var.safetensors``, ``loss.png``, ``log.jsonl``, ``done.json``.
+
+    Example:
+        >>> train_var(load_fashion_mnist("train"), "runs/vae/vae.safetensors", VARConfig(depth=4, num_classes=10, ...),
+        ...           TrainConfig(steps=2000, batch_size=32, lr=8e-4), "runs/var")
+    """
+    from .vae import load_trained_vae
+
+    if not 0 <= label_drop < 1:
+        raise ValueError(f"label_drop must be in [0, 1), got {label_drop}")
+    if int(data.labels.max()) >= cfg.num_classes:
+        raise ValueError(f"the data has labels up to {int(data.labels.max())} but the VAR has {cfg.num_classes} classes")
+    vae_path = Path(vae_path)
+    vae = load_trained_vae(vae_path)
+    if (vae.cfg.vocab_size, vae.cfg.z_channels, vae.cfg.patch_nums) != (cfg.vocab_size, cfg.z_channels, cfg.patch_nums):
+        raise ValueError("the VAR config must match the VQ-VAE: vocab_size, z_channels and patch_nums "
+                         f"({vae.cfg.vocab_size}, {vae.cfg.z_channels}, {vae.cfg.patch_nums})")
+    torch.manual_seed(train.seed)
+    var = VAR(cfg)
+    init_var_weights(var)
+    out_dir = Path(out_dir)
+    trainer = Trainer(out_dir, var, train, run={"kind": "var", "var": asdict(cfg), "vae_sha256": file_sha256(vae_path),
+                                                "label_drop": label_drop, "data_items": len(data)}, progress=progress)
+    if trainer.done:
+        return trainer.finish()
+    tokens = cached_tokens(vae, vae_path, data, out_dir, progress)
+    labels = torch.from_numpy(data.labels)
+    var.train()
+    for _, idx in trainer.batches(len(data)):
+        gen = trainer.step_generator()
+        x_BLCv, target_BL = teacher_forcing_batch(vae, tokens[idx])
+        label_B = labels[idx].clone()
+        label_B[torch.rand(len(idx), generator=gen) < label_drop] = cfg.num_classes
+        with trainer.autocast():
+            logits_BLV = var(label_B, x_BLCv)
+        loss = F.cross_entropy(logits_BLV.view(-1, cfg.vocab_size), target_BL.view(-1))
+        last = var.begin_ends[-1][0]
+        acc = (logits_BLV[:, last:].argmax(-1) == target_BL[:, last:]).float().mean()
+        trainer.update(loss, {"loss": loss.item(), "acc_last_scale": acc.item()})
+    save_model(out_dir / VAR_WEIGHTS, var.state_dict(), {"var": asdict(cfg)})
+    return trainer.finish()
