@@ -14,7 +14,9 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# Tests that need Fashion-MNIST skip (saying why) when the data cannot be fetched.
 test: $(BIN)/.installed
+	-@$(MAKE) --no-print-directory data
 	$(BIN)/python -m pytest -q tests
 
 bench: $(BIN)/.installed

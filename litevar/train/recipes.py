@@ -17,5 +17,5 @@ DEFAULT_VAE_TRAIN = TrainConfig(steps=1200, batch_size=32, lr=1e-3, warmup_steps
 
 DEFAULT_VAR = VARConfig(depth=4, num_classes=10, patch_nums=PYRAMID_256, vocab_size=DEFAULT_VAE.vocab_size,
                         z_channels=DEFAULT_VAE.z_channels)
-DEFAULT_VAR_TRAIN = TrainConfig(steps=1500, batch_size=32, lr=8e-4, warmup_steps=150, weight_decay=0.05,
+DEFAULT_VAR_TRAIN = TrainConfig(steps=700, batch_size=32, lr=8e-4, warmup_steps=150, weight_decay=0.05,
                                 beta1=0.9, beta2=0.95, seed=0)

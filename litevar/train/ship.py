@@ -41,13 +41,52 @@ def ship(run_dir: str | Path, dest: Path = DEFAULT_DIR, sampling: dict | None = 
     return dest
 
 
+def _row(name: str, report: dict) -> str:
+    cells = [f"{report[k]:.3f}" if isinstance(report.get(k), float) else "-" for k in ("fd", "precision", "recall")]
+    extra = []
+    if "class_consistency" in report:
+        extra.append(f"class-consistency {100 * report['class_consistency']:.1f}%")
+    if "psnr_db" in report:
+        extra.append(f"PSNR {report['psnr_db']:.2f} dB, codebook usage {100 * report['codebook_usage']:.1f}%")
+    return f"| {name} | " + " | ".join(cells) + f" | {'; '.join(extra) or '-'} |"
+
+
+def write_card(dest: Path = DEFAULT_DIR, quality_dir: str | Path = "runs/quality") -> Path:
+    """Add the measured quality (``litevar quality`` JSONs) to model.json and write MODEL_CARD.md."""
+    card = json.loads((dest / CARD_FILE).read_text())
+    reports = {p.stem: json.loads(p.read_text()) for p in sorted(Path(quality_dir).glob("*.json"))}
+    card["metrics"] = {name: {k: v for k, v in r.items() if k != "machine"} for name, r in reports.items()}
+    write_atomic(dest / CARD_FILE, lambda tmp: tmp.write_text(json.dumps(card, indent=1)))
+    var, vae, t = card["config"]["var"], card["config"]["vae"], card["training"]
+    lines = [f"# {card['name']}", "", f"Data: {card['data']}. Classes: {', '.join(card['class_names'])}.", "",
+             f"VAR: depth {var['depth']}, width {64 * var['depth']}, {var['depth']} heads, token pyramid "
+             f"{tuple(var['patch_nums'])} (680 tokens, the released 256px pyramid), vocabulary {var['vocab_size']}.",
+             f"VQ-VAE: ch {vae['ch']}, ch_mult {tuple(vae['ch_mult'])}, z {vae['z_channels']} channels, "
+             f"32x32 images -> 16x16 last scale.", "",
+             f"Training: `{card['command']}`; VQ-VAE {t['vae']['steps']} steps in {t['vae']['train_time_s'] / 60:.0f} min, "
+             f"VAR {t['var']['steps']} steps in {t['var']['train_time_s'] / 60:.0f} min (2-core CPU).", "",
+             f"Recommended sampling (the pipeline's defaults): {card['sampling']}.", "",
+             "Quality against the 10k test images (metric: Fréchet distance / precision / recall on EfficientNet-Lite0 "
+             "ImageNet features at 128 px, FD-EffLite0; not comparable with Inception FID):", "",
+             "| set | FD-EffLite0 | precision | recall | other |", "|---|---|---|---|---|"]
+    lines += [_row(name, r) for name, r in reports.items()]
+    lines += ["", "Reproduce: `make quality` (see the README for each command)."]
+    path = dest / "MODEL_CARD.md"
+    write_atomic(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
     parser.add_argument("--cfg", type=float)
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
+    parser.add_argument("--card-only", metavar="QUALITY_DIR", help="only add the quality JSONs of this folder to the card")
     args = parser.parse_args(argv)
+    if args.card_only:
+        print(f"wrote {write_card(quality_dir=args.card_only)}")
+        return
     sampling = {k: v for k, v in dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p).items() if v is not None}
     print(f"default model installed in {ship(args.run_dir, sampling=sampling)}")
 

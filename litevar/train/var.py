@@ -72,10 +72,11 @@ def tokenize(vae: VQVAE, data: ImageSet, batch_size: int = 256, progress: bool =
     return torch.cat(out)
 
 
-def cached_tokens(vae: VQVAE, vae_path: Path, data: ImageSet, out_dir: Path, progress: bool) -> torch.Tensor:
-    """Tokens from ``out_dir/tokens.pt`` when they were made by the same VQ-VAE file and data, else computed."""
+def cached_tokens(vae: VQVAE, vae_path: Path, data: ImageSet, progress: bool) -> torch.Tensor:
+    """Tokens cached next to the VQ-VAE file (shared by every VAR run on it), recomputed when the VQ-VAE file
+    or the data differ."""
     key = f"{file_sha256(vae_path)}:{len(data)}:{hashlib.sha256(data.images.tobytes()).hexdigest()[:16]}"
-    path = out_dir / TOKENS_FILE
+    path = vae_path.parent / TOKENS_FILE
     if path.exists():
         cached = torch.load(path, map_location="cpu", weights_only=True)
         if cached.get("key") == key:
@@ -124,7 +125,7 @@ def train_var(data: ImageSet, vae_path: str | Path, cfg: VARConfig, train: Train
                                                 "label_drop": label_drop, "data_items": len(data)}, progress=progress)
     if trainer.done:
         return trainer.finish()
-    tokens = cached_tokens(vae, vae_path, data, out_dir, progress)
+    tokens = cached_tokens(vae, vae_path, data, progress)
     labels = torch.from_numpy(data.labels)
     var.train()
     for _, idx in trainer.batches(len(data)):

@@ -107,3 +107,34 @@ def test_var_rejects_labels_beyond_classes(tmp_path, trained_vae):
     data.labels[0] = 5
     with pytest.raises(ValueError, match="labels up to 5"):
         train_var(data, trained_vae / VAE_WEIGHTS, VAR_CFG, fast(2), tmp_path, progress=False)
+
+
+def test_ship_installs_a_loadable_model_with_card(tmp_path, trained_vae):
+    from litevar.models.default import default_model
+    from litevar.pipeline import load_pipeline
+    from litevar.train.ship import ship, write_card
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "vae").symlink_to(trained_vae, target_is_directory=True)
+    train_var(stripes(), trained_vae / VAE_WEIGHTS, VAR_CFG, fast(3), runs / "var", progress=False)
+    dest = ship(runs, dest=tmp_path / "default", sampling={"cfg": 2.0}, class_names=("h", "v"))
+    var_file, vae_file, card = default_model(dest)
+    assert card["sampling"]["cfg"] == 2.0 and card["training"]["var"]["steps"] == 3
+    pipe = load_pipeline(var_file, vae_file, config=card["config"])
+    assert pipe.generate([0, 1], seed=[0, 1], progress=False).images.shape == (2, 3, 8, 8)
+    quality_dir = tmp_path / "quality"
+    quality_dir.mkdir()
+    (quality_dir / "recon.json").write_text(json.dumps({"fd": 1.5, "precision": 0.5, "recall": 0.25,
+                                                        "psnr_db": 30.0, "codebook_usage": 0.75}))
+    text = write_card(dest, quality_dir).read_text()
+    assert "| recon | 1.500 | 0.500 | 0.250 | PSNR 30.00 dB, codebook usage 75.0% |" in text
+    assert json.loads((dest / "model.json").read_text())["metrics"]["recon"]["fd"] == 1.5
+
+
+def test_ship_refuses_unfinished_runs(tmp_path):
+    from litevar.models.loading import CheckpointError
+    from litevar.train.ship import ship
+
+    with pytest.raises(CheckpointError, match="no finished training run"):
+        ship(tmp_path, dest=tmp_path / "default")
