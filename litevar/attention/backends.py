@@ -11,13 +11,3 @@ def sdpa(q_BHLc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor, scale
     if attn_bias is not None and attn_bias.dtype != q_BHLc.dtype:
         attn_bias = attn_bias.to(q_BHLc.dtype)
     return F.scaled_dot_product_attention(q_BHLc, k_BHLc, v_BHLc, attn_mask=attn_bias, scale=scale)
-
-
-def explicit_attention(q_BHLc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor, scale: float,
-                       attn_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The same attention as two matmuls and a softmax. For training on CPU: its backward is plain GEMMs,
-    several times faster there than the fused kernel's backward with a mask."""
-    scores = torch.matmul(q_BHLc, k_BHLc.transpose(-2, -1)).mul_(scale)
-    if attn_bias is not None:
-        scores = scores + attn_bias.to(scores.dtype)
-    return torch.matmul(scores.softmax(dim=-1), v_BHLc)
