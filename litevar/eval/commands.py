@@ -26,6 +26,10 @@ def _write(out: Path, name: str, report: dict) -> None:
     print(f"wrote {path}")
 
 
+def _generated_name(sampling: dict) -> str:
+    return f"generated_cfg{sampling['cfg']:g}_topk{sampling['top_k']}_topp{sampling['top_p']:g}"
+
+
 def _generated_images(pipe, args: argparse.Namespace, sampling: dict, out: Path) -> tuple[np.ndarray, np.ndarray]:
     """Generate (or reuse, when the same settings made them before) ``per_class`` images of every class."""
     from .quality import generate_set
@@ -33,7 +37,7 @@ def _generated_images(pipe, args: argparse.Namespace, sampling: dict, out: Path)
     labels = np.repeat(np.arange(pipe.num_classes), args.per_class)
     seeds = args.seed + np.arange(len(labels))
     settings = {"per_class": args.per_class, "seed": args.seed, "dtype": args.dtype, **sampling}
-    path = out / f"generated_cfg{sampling['cfg']:g}.npz"
+    path = out / f"{_generated_name(sampling)}.npz"
     if path.exists():
         cached = np.load(path)
         if json.loads(str(cached["settings"])) == settings:
@@ -74,7 +78,7 @@ def cmd_quality(args: argparse.Namespace) -> None:
             images, labels = _generated_images(pipe, args, sampling, out)
             report |= {"sampling": sampling, "dtype": args.dtype, "generated_images": len(images),
                        **generation_report(images, labels, test, features, load_classifier())}
-            name = f"generated_cfg{sampling['cfg']:g}"
+            name = _generated_name(sampling)
     report["seconds"] = round(time.perf_counter() - start, 1)
     _write(out, name, report)
 
