@@ -48,6 +48,7 @@ quality: $(BIN)/.installed data
 	$(BIN)/litevar quality real
 	$(BIN)/litevar quality recon
 	$(BIN)/litevar quality generated --cfg 1.5
+	$(BIN)/litevar quality generated --cfg 5
 
 clean:
 	rm -rf $(VENV) .pytest_cache
