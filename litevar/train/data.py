@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -136,3 +137,7 @@ def random_flip(x_BCHW: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     out[flip] = x_BCHW[flip].flip(-1)
     return out
 
+
+def resize_batch(x_BCHW: torch.Tensor, size: int) -> torch.Tensor:
+    return x_BCHW if x_BCHW.shape[-1] == size else F.interpolate(x_BCHW, size=(size, size), mode="bilinear",
+                                                                  antialias=True, align_corners=False)
