@@ -79,7 +79,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     out = Path(args.out)
     _check_writable(out)
     pipe = load_pipeline(args.var_ckpt, args.vae_ckpt, config=args.config, device=args.device, dtype=dtype)
-    sampling = {k: pipe.sampling[k] if v is None else v for k, v in given.items()}
+    sampling = pipe.resolve_sampling(**given)
     classes = list(range(pipe.num_classes)) if classes is None else classes
     pipe.check_labels(classes)
     run = {"var_ckpt": str(args.var_ckpt or "default"), "vae_ckpt": str(args.vae_ckpt or "default"),

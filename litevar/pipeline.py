@@ -109,6 +109,10 @@ class Pipeline:
     def num_classes(self) -> int:
         return self.config.var.num_classes
 
+    def resolve_sampling(self, **given: Any) -> dict[str, Any]:
+        """cfg / top_k / top_p / more_smooth: the given values, ``self.sampling`` for those missing or None."""
+        return {k: default if given.get(k) is None else given[k] for k, default in self.sampling.items()}
+
     def _labels(self, labels: Any, batch_size: int | None, rng) -> torch.Tensor:
         n = self.num_classes
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
@@ -171,8 +175,8 @@ class Pipeline:
             >>> out.images.shape, [t.shape[1] for t in out.tokens][:3]  # doctest: +SKIP
             (torch.Size([2, 3, 256, 256]), [1, 4, 9])
         """
-        chosen = dict(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth)
-        cfg, top_k, top_p, more_smooth = (self.sampling[k] if v is None else v for k, v in chosen.items())
+        chosen = self.resolve_sampling(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth)
+        cfg, top_k, top_p, more_smooth = chosen["cfg"], chosen["top_k"], chosen["top_p"], chosen["more_smooth"]
         check_sampling_args(cfg, top_k, top_p)
         rng = self._generators(seed)
         rows = len(rng) if isinstance(rng, list) else None

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..files import write_atomic
+from .quality import FEATURE_SIZE
 
 
 def _machine() -> dict:
@@ -73,8 +74,7 @@ def cmd_quality(args: argparse.Namespace) -> None:
             report |= reconstruction_report(pipe.vae, test, features, progress=not args.no_progress)
             name = "recon"
         else:
-            given = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=False)
-            sampling = {k: pipe.sampling[k] if v is None else v for k, v in given.items()}
+            sampling = pipe.resolve_sampling(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=False)
             images, labels = _generated_images(pipe, args, sampling, out)
             report |= {"sampling": sampling, "dtype": args.dtype, "generated_images": len(images),
                        **generation_report(images, labels, test, features, load_classifier())}
@@ -99,7 +99,7 @@ def add_eval_commands(sub) -> None:
     q.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     q.add_argument("--dtype", default="bf16", help="generation precision (fp32, bf16)")
     q.add_argument("--batch-size", type=int, default=100)
-    q.add_argument("--feature-size", type=int, default=128, help="EfficientNet-Lite0 input side")
+    q.add_argument("--feature-size", type=int, default=FEATURE_SIZE, help="EfficientNet-Lite0 input side")
     q.add_argument("--threads", type=int)
     q.add_argument("--out", default="runs/quality")
     q.add_argument("--no-progress", action="store_true")

@@ -27,12 +27,12 @@ def _common(parser: argparse.ArgumentParser, out_default: str) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def _setup(args: argparse.Namespace):
+def _setup(args: argparse.Namespace, image_size: int):
     from .data import load_dataset
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load_dataset(args.data, "train", size=recipes.IMAGE_SIZE if args.image_size is None else args.image_size)
+    return load_dataset(args.data, "train", size=image_size)
 
 
 def cmd_train_vae(args: argparse.Namespace) -> None:
@@ -41,8 +41,7 @@ def cmd_train_vae(args: argparse.Namespace) -> None:
     cfg = dataclasses.replace(recipes.DEFAULT_VAE, vocab_size=args.vocab_size or recipes.DEFAULT_VAE.vocab_size,
                               z_channels=args.z_channels or recipes.DEFAULT_VAE.z_channels,
                               ch=args.ch or recipes.DEFAULT_VAE.ch)
-    args.image_size = cfg.image_size
-    summary = train_vae(_setup(args), cfg, _train_config(args, recipes.DEFAULT_VAE_TRAIN), args.out,
+    summary = train_vae(_setup(args, cfg.image_size), cfg, _train_config(args, recipes.DEFAULT_VAE_TRAIN), args.out,
                         progress=not args.no_progress)
     print(f"VQ-VAE: {Path(args.out) / VAE_WEIGHTS} ({summary})")
 
@@ -52,8 +51,7 @@ def cmd_train_var(args: argparse.Namespace) -> None:
     from .var import VAR_WEIGHTS, train_var
 
     vae_cfg = load_trained_vae(args.vae).cfg
-    args.image_size = vae_cfg.image_size
-    data = _setup(args)
+    data = _setup(args, vae_cfg.image_size)
     cfg = dataclasses.replace(recipes.DEFAULT_VAR, depth=args.depth or recipes.DEFAULT_VAR.depth, width=None, heads=None,
                               num_classes=int(data.labels.max()) + 1, vocab_size=vae_cfg.vocab_size,
                               z_channels=vae_cfg.z_channels, patch_nums=vae_cfg.patch_nums)

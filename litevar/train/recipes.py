@@ -7,8 +7,7 @@ from __future__ import annotations
 from ..models.configs import PYRAMID_256, VARConfig, VQVAEConfig
 from .loop import TrainConfig
 
-IMAGE_SIZE = 32  # 28x28 zero-padded; one 2x downsampling gives the 16x16 last scale of the released pyramid
-
+# 32x32 images (28x28 zero-padded): one 2x downsampling gives the 16x16 last scale of the released pyramid
 DEFAULT_VAE = VQVAEConfig(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 1), num_res_blocks=1,
                           share_quant_resi=4, quant_resi=0.5, using_sa=True, using_mid_sa=True,
                           patch_nums=PYRAMID_256)

@@ -23,6 +23,7 @@ from ..models.vqvae import VQVAE
 from .data import ImageSet, to_model_range
 from .export import save_model
 from .loop import TrainConfig, Trainer
+from .vae import load_trained_vae
 
 VAR_WEIGHTS = "var.safetensors"
 TOKENS_FILE = "tokens.pt"
@@ -106,8 +107,6 @@ def train_var(data: ImageSet, vae_path: str | Path, cfg: VARConfig, train: Train
         >>> train_var(load_fashion_mnist("train"), "runs/vae/vae.safetensors", VARConfig(depth=4, num_classes=10, ...),
         ...           TrainConfig(steps=2000, batch_size=32, lr=8e-4), "runs/var")
     """
-    from .vae import load_trained_vae
-
     if not 0 <= label_drop < 1:
         raise ValueError(f"label_drop must be in [0, 1), got {label_drop}")
     if int(data.labels.max()) >= cfg.num_classes:
