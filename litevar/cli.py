@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .cli_args import UsageError, add_model_args, check_run, check_writable, image_name, parse_classes
 from .files import write_atomic
 from .images import grid, save_png_atomic, to_uint8_hwc
 from .models.configs import ConfigError
@@ -22,53 +21,8 @@ from .train.commands import add_train_commands
 from .train.loop import TrainingError
 from .train.data import DatasetError
 
-RUN_FILE = "run.json"
-
-
-class UsageError(ValueError):
-    """A command-line argument that cannot work."""
-
-
-def _classes(text: str) -> list[int]:
-    try:
-        classes = [int(c) for c in text.split(",") if c.strip()]
-    except ValueError:
-        raise UsageError(f"--classes must be comma-separated integers, got {text!r}") from None
-    if not classes:
-        raise UsageError("--classes is empty; give e.g. --classes 207,360")
-    return classes
-
-
-def image_name(label: int, seed: int) -> str:
-    return f"class{label:04d}_seed{seed:06d}.png"
-
-
-def _check_writable(folder: Path) -> None:
-    """Fail before any work if the folder (or the nearest existing parent that would hold it) is not writable."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write to output folder {folder} ({existing} is not a writable folder); "
-                         "choose another --out")
-
-
-def _check_run(folder: Path, run: dict, overwrite: bool) -> None:
-    """Resume only the same run; refuse to mix outputs of different settings unless --overwrite."""
-    path = folder / RUN_FILE
-    if path.exists() and not overwrite:
-        previous = json.loads(path.read_text())
-        changed = sorted(k for k in run.keys() | previous.keys() if run.get(k) != previous.get(k))
-        if changed:
-            raise UsageError(f"{folder} holds images of a different run (differs in {', '.join(changed)}); "
-                             "use another --out, or --overwrite to replace them")
-    elif not path.exists() and not overwrite and any(folder.glob("class*_seed*.png")):
-        raise UsageError(f"{folder} already holds images not made by litevar generate; use another --out or --overwrite")
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(run, indent=1)))
-
-
 def cmd_generate(args: argparse.Namespace) -> None:
-    classes = _classes(args.classes) if args.classes is not None else None
+    classes = parse_classes(args.classes) if args.classes is not None else None
     if args.per_class < 1:
         raise UsageError(f"--per-class must be >= 1, got {args.per_class}")
     if args.batch_size < 1:
@@ -77,7 +31,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     check_sampling_args(*(SAMPLING_DEFAULTS[k] if given[k] is None else given[k] for k in ("cfg", "top_k", "top_p")))
     dtype = parse_dtype(args.dtype)
     out = Path(args.out)
-    _check_writable(out)
+    check_writable(out)
     pipe = load_pipeline(args.var_ckpt, args.vae_ckpt, config=args.config, device=args.device, dtype=dtype)
     sampling = pipe.resolve_sampling(**given)
     classes = list(range(pipe.num_classes)) if classes is None else classes
@@ -85,7 +39,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     run = {"var_ckpt": str(args.var_ckpt or "default"), "vae_ckpt": str(args.vae_ckpt or "default"),
            "config": str(args.config), "dtype": args.dtype, "seed": args.seed, **sampling}
     out.mkdir(parents=True, exist_ok=True)
-    _check_run(out, run, args.overwrite)
+    check_run(out, run, args.overwrite)
     jobs = [(c, args.seed + i) for c in classes for i in range(args.per_class)]
     todo = [j for j in jobs if args.overwrite or not (out / image_name(*j)).exists()]
     token_dir = out / ".tokens"
@@ -125,10 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="litevar", description="Load, compress and measure VAR image generators.")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="sample class-conditional images to PNG files")
-    gen.add_argument("--var-ckpt", help="VAR checkpoint (.pth/.safetensors) or a released name (var-d16 ... var-d36); "
-                     "default: the shipped Fashion-MNIST model")
-    gen.add_argument("--vae-ckpt", help="VQ-VAE checkpoint (optional with a released name)")
-    gen.add_argument("--config", help="config JSON (litevar or upstream keywords); default: inferred from the files")
+    add_model_args(gen)
     gen.add_argument("--classes", help="comma-separated class ids, e.g. 207,360 (default: every class)")
     gen.add_argument("--per-class", type=int, default=1, help="images per class")
     gen.add_argument("--seed", type=int, default=0, help="image i of each class uses seed + i")
