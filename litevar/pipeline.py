@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,8 +152,8 @@ class Pipeline:
     @torch.inference_mode()
     def generate(self, labels: Any = None, seed: int | Sequence[int] | None = None, cfg: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, more_smooth: bool | None = None,
-                 batch_size: int | None = None,
-                 progress: bool = True, timings: bool = False) -> GenerationOutput:
+                 batch_size: int | None = None, progress: bool = True, timings: bool = False,
+                 on_logits: Callable[[int, torch.Tensor], None] | None = None) -> GenerationOutput:
         """Sample images class-conditionally with classifier-free guidance.
 
         Args:
@@ -169,6 +169,8 @@ class Pipeline:
             batch_size: rows when ``labels`` is an int or None.
             progress: show a progress bar over scales.
             timings: also measure transformer / sampling / decoder seconds (and per-scale transformer time).
+            on_logits: called as ``on_logits(scale_index, guided_logits_BlV)`` (float32, before top-k/top-p)
+                at every scale; it must not modify the tensor.
 
         Example:
             >>> out = pipe.generate([207, 360], seed=0)  # doctest: +SKIP
@@ -185,9 +187,36 @@ class Pipeline:
         labels_B = self._labels(labels, batch_size, rng)
         if rows is not None and rows != labels_B.numel():
             raise ValueError(f"got {rows} seeds for {labels_B.numel()} images")
-        return self._sample(labels_B, rng, cfg, top_k, top_p, more_smooth, progress, timings)
+        return self._sample(labels_B, rng, cfg, top_k, top_p, more_smooth, progress, timings, on_logits)
 
-    def _sample(self, labels_B, rng, cfg, top_k, top_p, more_smooth, progress, timings) -> GenerationOutput:
+    @torch.inference_mode()
+    def score_tokens(self, labels: Any, tokens: Sequence[torch.Tensor], on_logits: Callable[[int, torch.Tensor], None],
+                     cfg: float | None = None) -> None:
+        """Run the KV-cached sampler on given tokens instead of drawing them (teacher forcing on the cached path),
+        calling ``on_logits(scale_index, guided_logits_BlV)`` at every scale; nothing is decoded.
+
+        On a model's own sampled tokens this reproduces the logits it saw while sampling; on another model's tokens
+        it gives this model's distributions along that trajectory (how the fidelity KL is measured).
+
+        Args:
+            labels: class ids [B] (negative = unconditional).
+            tokens: one index tensor [B, pn*pn] per scale.
+            on_logits: see :meth:`generate`.
+            cfg: guidance strength (None: ``pipe.sampling``).
+        """
+        labels_B = self._labels(labels, None, None)
+        patch_nums = self.config.var.patch_nums
+        shapes = [tuple(t.shape) for t in tokens]
+        if shapes != [(labels_B.numel(), pn * pn) for pn in patch_nums]:
+            raise ValueError(f"tokens must be one [B, pn*pn] tensor per scale for B={labels_B.numel()} and pyramid "
+                             f"{patch_nums}, got shapes {shapes}")
+        cfg = self.resolve_sampling(cfg=cfg)["cfg"]
+        check_sampling_args(cfg, 0, 0.0)
+        self._sample(labels_B, None, cfg, 0, 0.0, False, False, False, on_logits,
+                     forced=[t.to(self.device) for t in tokens])
+
+    def _sample(self, labels_B, rng, cfg, top_k, top_p, more_smooth, progress, timings, on_logits=None,
+                forced=None) -> GenerationOutput | None:
         var, quant, vcfg = self.var, self.vae.quantize, self.config.var
         B = labels_B.shape[0]
         n_scales = len(vcfg.patch_nums)
@@ -209,13 +238,20 @@ class Pipeline:
             clock.totals["per_scale"].append(clock.lap("transformer"))
             t = cfg * ratio
             logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
-            idx_Bl, smooth_BlC = sample_tokens(logits_BlV, top_k, top_p, rng, ratio if more_smooth else None, codebook)
+            if on_logits is not None:
+                on_logits(si, logits_BlV)
+            if forced is None:
+                idx_Bl, smooth_BlC = sample_tokens(logits_BlV, top_k, top_p, rng, ratio if more_smooth else None, codebook)
+            else:
+                idx_Bl, smooth_BlC = forced[si], None
             tokens.append(idx_Bl)
             h_BlC = smooth_BlC if more_smooth else quant.embedding(idx_Bl)
             feats_BlC = quant.add_scale(si, f_hat, h_BlC.transpose(1, 2).reshape(B, vcfg.z_channels, pn, pn))
             if feats_BlC is not None:
                 x_BLC = var.next_tokens(si + 1, feats_BlC, level_pos).repeat(2, 1, 1)
             clock.lap("sampling")
+        if forced is not None:
+            return None
         images = self.vae.fhat_to_img(f_hat).add_(1).mul_(0.5)
         clock.lap("decoder")
         clock.totals["kv_cache_bytes"] = sum(c.nbytes() for c in caches)

@@ -83,7 +83,75 @@ def cmd_quality(args: argparse.Namespace) -> None:
     _write(out, name, report)
 
 
+def _safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in text)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from ..cli_args import UsageError, check_writable, parse_classes, positive
+    from .evaluate import evaluate, write_report
+    from .tables import compare_markdown
+
+    if args.compare:
+        reports = []
+        for path in args.compare:
+            report = json.loads(Path(path).read_text())
+            if report.get("litevar_eval") is None:
+                raise UsageError(f"{path} is not a litevar eval report (no litevar_eval key)")
+            reports.append(report)
+        print(compare_markdown(reports))
+        return
+    positive("--per-class", args.per_class)
+    positive("--batch-size", args.batch_size)
+    if args.threads:
+        torch.set_num_threads(positive("--threads", args.threads))
+    from ..recipe import load_recipe
+    recipe = load_recipe(args.recipe)
+    out = Path(args.out)
+    check_writable(out)
+    path = out / f"eval_{_safe_name(args.name or recipe.name)}.json"
+    if path.exists() and not args.overwrite:
+        raise UsageError(f"{path} exists; pass --name to keep both, or --overwrite to replace it")
+    default_model = args.var_ckpt is None and args.vae_ckpt is None
+    data = (("fashion-mnist" if default_model else None) if args.data == "auto" else
+            None if args.data == "none" else args.data)
+    report = evaluate(recipe, var_ckpt=args.var_ckpt, vae_ckpt=args.vae_ckpt, config=args.config,
+                      per_class=args.per_class, classes=parse_classes(args.classes) if args.classes else None,
+                      seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, data=data,
+                      batch_size=args.batch_size, device=args.device, cache_dir=out / "cache",
+                      feature_size=args.feature_size, inception_weights=args.inception_weights,
+                      progress=not args.no_progress)
+    json_path, md_path = write_report(report, path)
+    print(md_path.read_text())
+    print(f"wrote {json_path} and {md_path}")
+
+
 def add_eval_commands(sub) -> None:
+    from ..cli_args import add_model_args, add_recipe_arg
+
+    e = sub.add_parser("eval", help="fidelity of a recipe to the dense fp32 model, and quality vs data")
+    add_model_args(e)
+    add_recipe_arg(e, default="bf16")
+    e.add_argument("--per-class", type=int, default=100, help="images per class")
+    e.add_argument("--classes", help="comma-separated class ids (default: every class)")
+    e.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    e.add_argument("--cfg", type=float, help="default: the model card's")
+    e.add_argument("--top-k", type=int)
+    e.add_argument("--top-p", type=float)
+    e.add_argument("--data", default="auto", help="dataset for quality vs data: fashion-mnist, an image folder, or "
+                   "none (default auto: fashion-mnist for the shipped model, none otherwise)")
+    e.add_argument("--batch-size", type=int, default=50)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--threads", type=int)
+    e.add_argument("--feature-size", type=int, default=FEATURE_SIZE, help="EfficientNet-Lite0 input side")
+    e.add_argument("--inception-weights", help="local torch-fidelity Inception weights: also report FID and IS")
+    e.add_argument("--out", default="runs/eval", help="folder for eval_<recipe>.json/.md and the reference cache")
+    e.add_argument("--name", help="report name (default: the recipe's)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing report of the same name")
+    e.add_argument("--compare", nargs="+", metavar="JSON", help="print these eval reports side by side and exit")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
     q = sub.add_parser("quality", help="FD-EffLite0, precision/recall, class-consistency, PSNR of the default model")
     q.add_argument("what", choices=("real", "recon", "generated"),
                    help="real: train vs test images (the floor); recon: VQ-VAE reconstructions vs test; "

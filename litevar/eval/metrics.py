@@ -103,6 +103,8 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     feats_a = _check_feats(feats_a, "feats_a")
     feats_b = _check_feats(feats_b, "feats_b")
     _check_same_dim(feats_a, feats_b, "feats_a and feats_b")
+    if np.array_equal(feats_a, feats_b):
+        return 0.0
     return frechet_distance_from_stats(*feature_stats(feats_a), *feature_stats(feats_b))
 
 
@@ -156,10 +158,17 @@ def precision_recall(real_feats: np.ndarray, fake_feats: np.ndarray, k: int = 3,
     return PrecisionRecall(precision=fake_inside.double().mean().item(), recall=real_inside.double().mean().item())
 
 
-def psnr(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, data_range: float) -> float:
-    """Peak signal-to-noise ratio in dB, computed per image and averaged over the batch.
+def _as_float64(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    return x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
 
-    An image identical to its reference has infinite PSNR, and so then has the average.
+
+def psnr(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, data_range: float,
+         per_image: bool = True) -> float:
+    """Peak signal-to-noise ratio in dB, computed per image and averaged over the batch, or (``per_image=False``)
+    from the mean squared error over the whole batch.
+
+    An image identical to its reference has infinite PSNR, and so then has the per-image average; the batch form
+    stays finite unless every image is identical.
 
     Args:
         a, b: image batches of one shape [B, ...] (any layout; every non-batch value is a pixel value).
@@ -169,16 +178,58 @@ def psnr(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, data_range:
         >>> round(psnr(np.zeros((1, 4, 4)), np.full((1, 4, 4), 0.1), data_range=1.0), 6)
         20.0
     """
-    a = a.detach().cpu().double().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, dtype=np.float64)
-    b = b.detach().cpu().double().numpy() if isinstance(b, torch.Tensor) else np.asarray(b, dtype=np.float64)
+    a, b = _as_float64(a), _as_float64(b)
     if a.shape != b.shape or a.ndim < 2 or a.shape[0] == 0:
         raise ValueError(f"psnr needs two non-empty image batches [B, ...] of the same shape, got {a.shape} and {b.shape}")
     if data_range <= 0:
         raise ValueError(f"data_range must be positive (e.g. 1.0 or 255), got {data_range}")
     mse_B = ((a - b) ** 2).reshape(a.shape[0], -1).mean(axis=1)
+    if not per_image:
+        mse_B = mse_B.mean(keepdims=True)
     with np.errstate(divide="ignore"):
         psnr_B = 10.0 * np.log10(data_range ** 2 / mse_B)
     return float(psnr_B.mean())
+
+
+def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
+def ssim(a_NHWC: np.ndarray | torch.Tensor, b_NHWC: np.ndarray | torch.Tensor, data_range: float = 255.0,
+         window: int = 11, sigma: float = 1.5, chunk: int = 64) -> float:
+    """Mean structural similarity (Wang et al. 2004) of two image batches [N, H, W, C], averaged over images and
+    channels: Gaussian window (11 px, sigma 1.5; shrunk to the image side for small images), K1=0.01, K2=0.03,
+    valid positions only. 1.0 exactly for identical images.
+
+    Example:
+        >>> ssim(np.zeros((1, 16, 16, 3)), np.zeros((1, 16, 16, 3)))
+        1.0
+    """
+    if tuple(a_NHWC.shape) != tuple(b_NHWC.shape) or len(a_NHWC.shape) != 4 or a_NHWC.shape[0] == 0:
+        raise ValueError(f"ssim needs two non-empty image batches [N, H, W, C] of one shape, got {tuple(a_NHWC.shape)} "
+                         f"and {tuple(b_NHWC.shape)}")
+    _, height, width, channels = a_NHWC.shape
+    size = min(window, height, width)
+    kernel = _gaussian_window(size, sigma).expand(channels, 1, size, size)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(t, kernel, groups=channels)
+
+    total = 0.0
+    for start in range(0, a_NHWC.shape[0], chunk):
+        x = torch.from_numpy(_as_float64(a_NHWC[start:start + chunk])).permute(0, 3, 1, 2)
+        y = torch.from_numpy(_as_float64(b_NHWC[start:start + chunk])).permute(0, 3, 1, 2)
+        mu_x, mu_y = blur(x), blur(y)
+        var_x = blur(x * x) - mu_x ** 2
+        var_y = blur(y * y) - mu_y ** 2
+        cov = blur(x * y) - mu_x * mu_y
+        ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+        total += float(ssim_map.mean(dim=(1, 2, 3)).sum())
+    return total / a_NHWC.shape[0]
 
 
 def _flat_indices(indices) -> np.ndarray:

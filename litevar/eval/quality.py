@@ -23,11 +23,13 @@ FEATURE_SIZE = 128  # EffLite0 input side for 32x32 images: 128 keeps the featur
 
 
 class FeatureCache:
-    """Features of image sets under ``folder``, recomputed only for pixels never seen before."""
+    """Features of image sets under ``folder``, recomputed only for pixels never seen before (``folder=None``:
+    kept in memory for this object's life only)."""
 
-    def __init__(self, folder: str | Path, extractor_name: str = "efflite0", input_size: int = FEATURE_SIZE,
+    def __init__(self, folder: str | Path | None, extractor_name: str = "efflite0", input_size: int = FEATURE_SIZE,
                  batch_size: int = 100, progress: bool = True) -> None:
-        self.folder = Path(folder)
+        self.folder = Path(folder) if folder is not None else None
+        self.memory: dict[str, np.ndarray] = {}
         self.name = f"{extractor_name}@{input_size}"
         self.extractor = get_extractor(extractor_name, input_size=input_size)
         self.extractor.to(memory_format=torch.channels_last)
@@ -36,12 +38,18 @@ class FeatureCache:
 
     def __call__(self, images_NHW3: np.ndarray) -> np.ndarray:
         digest = hashlib.sha256(images_NHW3.tobytes()).hexdigest()[:24]
-        path = self.folder / f"{self.name}_{len(images_NHW3)}_{digest}.npy"
-        if path.exists():
-            return np.load(path)
-        feats = extract_features(self.extractor, images_NHW3, self.batch_size, progress=self.progress)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, lambda tmp: np.save(open(tmp, "wb"), feats))
+        name = f"{self.name}_{len(images_NHW3)}_{digest}.npy"
+        if name in self.memory:
+            return self.memory[name]
+        path = self.folder / name if self.folder is not None else None
+        if path is not None and path.exists():
+            feats = np.load(path)
+        else:
+            feats = extract_features(self.extractor, images_NHW3, self.batch_size, progress=self.progress)
+            if path is not None:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                write_atomic(path, lambda tmp: np.save(open(tmp, "wb"), feats))
+        self.memory[name] = feats
         return feats
 
 

@@ -1,0 +1,223 @@
+"""``evaluate``: a candidate recipe against the dense float32 model on the same labels and seeds.
+
+The reference images and tokens are cached (keyed by the weights, labels, seeds, sampling settings, batch size
+and machine), so evaluating several recipes of one model generates the reference once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..files import write_atomic
+from ..recipe import Recipe, build_pipeline, load_recipe
+from .fidelity import FidelityAccumulator, image_fidelity
+from .quality import FEATURE_SIZE, FeatureCache
+
+EVAL_VERSION = 1
+
+
+def machine_info() -> dict:
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def weights_digest(*modules: torch.nn.Module) -> str:
+    """sha256 over every tensor of the modules' state dicts (names, dtypes, shapes and bytes), 16 hex digits."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            flat = tensor.detach().cpu().contiguous().view(-1)
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def eval_jobs(num_classes: int, per_class: int, classes: list[int] | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (class-major) and per-image seeds ``seed + i``: the same jobs as ``litevar sample``."""
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise ValueError(f"per_class must be a positive integer, got {per_class!r}")
+    classes = list(range(num_classes)) if classes is None else list(classes)
+    labels = np.repeat(np.asarray(classes, dtype=np.int64), per_class)
+    return labels, seed + np.arange(len(labels), dtype=np.int64)
+
+
+def _to_uint8(images_B3HW: torch.Tensor) -> np.ndarray:
+    return images_B3HW.float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _reference_set(pipe, labels: np.ndarray, seeds: np.ndarray, sampling: dict, batch_size: int,
+                   cache_dir: Path | None, progress: bool) -> tuple[np.ndarray, list[np.ndarray], float]:
+    """Reference images (uint8 NHWC), tokens per scale and generation seconds, from the cache when present."""
+    key = {"weights": weights_digest(pipe.var, pipe.vae), "labels": hashlib.sha256(labels.tobytes()).hexdigest(),
+           "seeds": hashlib.sha256(seeds.tobytes()).hexdigest(), "sampling": sampling, "batch_size": batch_size,
+           "device": pipe.device.type, **machine_info()}
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    path = cache_dir / f"reference_{name}.npz" if cache_dir is not None else None
+    if path is not None and path.exists():
+        cached = np.load(path)
+        n_scales = len(pipe.config.var.patch_nums)
+        return cached["arr_0"], [cached[f"tokens_{si}"] for si in range(n_scales)], float(cached["seconds"])
+    images, tokens = [], []
+    start_time = time.perf_counter()
+    for start in tqdm(range(0, len(labels), batch_size), desc="reference", disable=not progress):
+        out = pipe.generate(labels[start:start + batch_size].tolist(), seed=seeds[start:start + batch_size].tolist(),
+                            progress=False, **sampling)
+        images.append(_to_uint8(out.images))
+        tokens.append([t.cpu().numpy().astype(np.int32) for t in out.tokens])
+    seconds = time.perf_counter() - start_time
+    images_np = np.concatenate(images)
+    tokens_np = [np.concatenate([batch[si] for batch in tokens]) for si in range(len(tokens[0]))]
+    if path is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        arrays = {f"tokens_{si}": t for si, t in enumerate(tokens_np)}
+        write_atomic(path, lambda tmp: np.savez(open(tmp, "wb"), arr_0=images_np, seconds=seconds,
+                                                key=json.dumps(key), **arrays))
+    return images_np, tokens_np, seconds
+
+
+def _candidate_pass(reference, candidate, labels, seeds, ref_tokens, sampling, batch_size, progress):
+    """Candidate images, fidelity accumulator and the candidate's generation seconds."""
+    acc = FidelityAccumulator([pn * pn for pn in reference.config.var.patch_nums])
+    images, seconds = [], 0.0
+    for start in tqdm(range(0, len(labels), batch_size), desc="candidate", disable=not progress):
+        batch_labels = labels[start:start + batch_size].tolist()
+        forced = [torch.from_numpy(t[start:start + batch_size]).long() for t in ref_tokens]
+        ref_logp = {}
+        reference.score_tokens(batch_labels, forced, lambda si, lg: ref_logp.__setitem__(si, lg.log_softmax(-1)),
+                               cfg=sampling["cfg"])
+        candidate.score_tokens(batch_labels, forced, lambda si, lg: acc.add_kl(si, ref_logp[si], lg),
+                               cfg=sampling["cfg"])
+        tick = time.perf_counter()
+        out = candidate.generate(batch_labels, seed=seeds[start:start + batch_size].tolist(), progress=False, **sampling)
+        seconds += time.perf_counter() - tick
+        acc.add_tokens(forced, out.tokens)
+        images.append(_to_uint8(out.images))
+    return np.concatenate(images), acc, seconds
+
+
+def _quality(images: np.ndarray, labels: np.ndarray, test, features: FeatureCache, classifier) -> dict:
+    from .quality import generation_report
+
+    report = generation_report(images, labels, test, features, classifier)
+    quality = {"fd_effl0": report["fd"], "precision": report["precision"], "recall": report["recall"]}
+    if "class_consistency" in report:
+        quality["class_consistency"] = report["class_consistency"]
+    return quality
+
+
+def evaluate(recipe: Recipe | str | dict | None = None, *, var_ckpt: str | Path | None = None,
+             vae_ckpt: str | Path | None = None, config: Any = None, per_class: int = 100,
+             classes: list[int] | None = None, seed: int = 0, cfg: float | None = None, top_k: int | None = None,
+             top_p: float | None = None, data: str | None = None, batch_size: int = 50, device: str = "cpu",
+             cache_dir: str | Path | None = "runs/eval/cache", feature_size: int = FEATURE_SIZE,
+             inception_weights: str | Path | None = None, progress: bool = True) -> dict:
+    """Generate the same labels/seeds with the dense float32 model and with ``recipe``; report fidelity to the
+    reference and, with ``data``, quality of both against that dataset's test split.
+
+    Args:
+        recipe: the candidate (see :func:`litevar.recipe.load_recipe`); None = dense fp32 (identity check).
+        var_ckpt, vae_ckpt, config: the model (all None: the shipped default model).
+        per_class, classes, seed: images per class, which classes (default all), image i uses seed ``seed + i``.
+        cfg, top_k, top_p: sampling (None: the model card's).
+        data: "fashion-mnist", an image folder, or None (fidelity only).
+        batch_size: images per batch (the same for reference and candidate, so batch composition matches).
+        device: where both models run.
+        cache_dir: where reference images and features are cached (None: no cache).
+        feature_size: EfficientNet-Lite0 input side for FD-EffLite0.
+        inception_weights: local torch-fidelity Inception weights for FID/IS (None: not computed, said so).
+        progress: progress bars.
+
+    Returns:
+        The report dict (see README "Evaluation protocol"); ``write_report`` saves it as JSON and Markdown.
+
+    Example:
+        >>> report = evaluate("bf16", per_class=10, data="fashion-mnist")  # doctest: +SKIP
+        >>> report["fidelity"]["token_agreement_per_scale"][:3]  # doctest: +SKIP
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    recipe = load_recipe(recipe)
+    cache = Path(cache_dir) if cache_dir is not None else None
+    reference = build_pipeline(None, var_ckpt, vae_ckpt, config, device=device)
+    candidate = build_pipeline(recipe, var_ckpt, vae_ckpt, config, device=device)
+    if classes is not None:
+        reference.check_labels(classes)
+    sampling = reference.resolve_sampling(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=False)
+    labels, seeds = eval_jobs(reference.num_classes, per_class, classes, seed)
+    test = None
+    if data is not None:
+        from ..train.data import load_dataset
+        test = load_dataset(data, "test", size=reference.config.vae.image_size)
+    ref_images, ref_tokens, ref_seconds = _reference_set(reference, labels, seeds, sampling, batch_size, cache, progress)
+    cand_images, acc, cand_seconds = _candidate_pass(reference, candidate, labels, seeds, ref_tokens, sampling,
+                                                     batch_size, progress)
+    features = FeatureCache(cache / "features" if cache else None, input_size=feature_size, progress=progress)
+    from .metrics import frechet_distance
+    fidelity = {**acc.result(), **image_fidelity(ref_images, cand_images),
+                "fd_to_reference": frechet_distance(features(ref_images), features(cand_images))}
+    report = {"litevar_eval": EVAL_VERSION, "metric": f"FD-EffLite0@{feature_size}px (EfficientNet-Lite0 ImageNet "
+              "features; not Inception FID)",
+              "model": {"var_ckpt": str(var_ckpt or "default"), "vae_ckpt": str(vae_ckpt or "default"),
+                        "weights_sha256": weights_digest(reference.var, reference.vae)},
+              "recipe": recipe.to_dict(), "sampling": sampling, "images": len(labels), "per_class": per_class,
+              "classes": sorted(set(labels.tolist())), "seed": seed, "batch_size": batch_size, "data": data,
+              "fidelity": fidelity, "seconds": cand_seconds, "images_per_s": len(labels) / cand_seconds,
+              "reference": {"recipe": Recipe().to_dict(), "seconds": ref_seconds,
+                            "images_per_s": len(labels) / ref_seconds}, "machine": machine_info()}
+    if test is not None:
+        classifier = _classifier_for(data, reference.num_classes)
+        report["quality"] = _quality(cand_images, labels, test, features, classifier)
+        report["reference"]["quality"] = _quality(ref_images, labels, test, features, classifier)
+    report["inception"] = _inception(inception_weights, test, ref_images, cand_images)
+    return report
+
+
+def _classifier_for(data: str, num_classes: int):
+    """The shipped Fashion-MNIST classifier for a 10-class model evaluated on Fashion-MNIST, else None."""
+    from .classifier import NUM_CLASSES, load_classifier
+
+    return load_classifier() if data == "fashion-mnist" and num_classes == NUM_CLASSES else None
+
+
+def _inception(weights, test, ref_images: np.ndarray, cand_images: np.ndarray) -> dict:
+    from .inception import INCEPTION_HELP, inception_scores
+
+    if weights is None:
+        return {"computed": False, "note": INCEPTION_HELP}
+    if test is None:
+        raise ValueError("Inception FID needs a dataset: pass --data together with --inception-weights")
+    return {"computed": True, "candidate": inception_scores(weights, cand_images, test.images),
+            "reference": inception_scores(weights, ref_images, test.images)}
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no infinity: write it as the string "inf" (PSNR of identical image sets)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value > 0 else "-inf" if value < 0 else "nan"
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_report(report: dict, path: str | Path) -> tuple[Path, Path]:
+    """Write ``report`` as JSON and its Markdown table next to it (same name, .md); returns both paths."""
+    from .tables import eval_markdown
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(_finite(report), indent=1, allow_nan=False)))
+    md = path.with_suffix(".md")
+    write_atomic(md, lambda tmp: tmp.write_text(eval_markdown(report)))
+    return path, md
