@@ -118,3 +118,11 @@ def test_jobs_match_the_sample_layout():
     assert labels.tolist() == [3, 3, 5, 5] and seeds.tolist() == [7, 8, 9, 10]
     with pytest.raises(ValueError, match="per_class"):
         eval_jobs(10, 0)
+
+
+def test_inception_needs_local_weights(tmp_path):
+    from litevar.eval.inception import inception_scores
+
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match="not found.*--inception-weights"):
+        inception_scores(tmp_path / "pt_inception.pth", images, images)
