@@ -16,7 +16,9 @@ from .images import grid, save_png_atomic, to_uint8_hwc
 from .models.configs import ConfigError
 from .models.loading import CheckpointError
 from .pipeline import SAMPLING_DEFAULTS, check_sampling_args, load_pipeline, parse_dtype
+from .eval.bench import add_bench_command
 from .eval.commands import add_eval_commands
+from .samples import add_sample_command
 from .train.commands import add_train_commands
 from .train.loop import TrainingError
 from .train.data import DatasetError
@@ -98,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
     add_train_commands(sub)
     add_eval_commands(sub)
+    add_bench_command(sub)
+    add_sample_command(sub)
     return parser
 
 
