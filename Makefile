@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install test bench clean data default-model demo quality
+.PHONY: install test bench bench-default eval-default clean data default-model demo quality
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,16 @@ test: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_sampling.py --model var-d16 --dtypes bf16 fp32 --batches 8 1 \
 		--out benchmarks/results/sampling_cpu_d16.json
+
+# The default model: dense fp32 vs bf16, each in its own process (JSON + PNG under benchmarks/results/).
+bench-default: $(BIN)/.installed
+	$(BIN)/litevar bench --recipe bf16 --threads 2 --out benchmarks/results/bench_default_bf16.json
+
+# Fidelity to the dense fp32 model and quality vs Fashion-MNIST of the default model at fp32 (the identity) and bf16.
+eval-default: $(BIN)/.installed data
+	$(BIN)/litevar eval --recipe fp32 --per-class 100 --overwrite --out runs/eval
+	$(BIN)/litevar eval --recipe bf16 --per-class 100 --overwrite --out runs/eval
+	$(BIN)/litevar eval --compare runs/eval/eval_fp32.json runs/eval/eval_bf16.json
 
 # Fashion-MNIST from the Debian package, unpacked under .data/ without root when it is not installed.
 FMNIST := .data/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
