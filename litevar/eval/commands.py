@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -15,8 +14,9 @@ from .quality import FEATURE_SIZE
 
 
 def _machine() -> dict:
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    from .bench import machine_info
+
+    return {**machine_info(), "threads": torch.get_num_threads()}
 
 
 def _write(out: Path, name: str, report: dict) -> None:

@@ -19,16 +19,11 @@ from tqdm.auto import tqdm
 
 from ..files import write_atomic
 from ..recipe import Recipe, build_pipeline, load_recipe
+from .bench import machine_info
 from .fidelity import FidelityAccumulator, image_fidelity
 from .quality import FEATURE_SIZE, FeatureCache
 
 EVAL_VERSION = 1
-
-
-def machine_info() -> dict:
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def weights_digest(*modules: torch.nn.Module) -> str:
@@ -40,6 +35,13 @@ def weights_digest(*modules: torch.nn.Module) -> str:
             digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
             digest.update(flat.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def _rounding_setup() -> dict:
+    """What changes float rounding, hence image bytes, besides the inputs: part of the reference cache key."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def eval_jobs(num_classes: int, per_class: int, classes: list[int] | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +62,7 @@ def _reference_set(pipe, labels: np.ndarray, seeds: np.ndarray, sampling: dict, 
     """Reference images (uint8 NHWC), tokens per scale and generation seconds, from the cache when present."""
     key = {"weights": weights_digest(pipe.var, pipe.vae), "labels": hashlib.sha256(labels.tobytes()).hexdigest(),
            "seeds": hashlib.sha256(seeds.tobytes()).hexdigest(), "sampling": sampling, "batch_size": batch_size,
-           "device": pipe.device.type, **machine_info()}
+           "device": pipe.device.type, **_rounding_setup()}
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     path = cache_dir / f"reference_{name}.npz" if cache_dir is not None else None
     if path is not None and path.exists():
@@ -173,7 +175,8 @@ def evaluate(recipe: Recipe | str | dict | None = None, *, var_ckpt: str | Path 
               "classes": sorted(set(labels.tolist())), "seed": seed, "batch_size": batch_size, "data": data,
               "fidelity": fidelity, "seconds": cand_seconds, "images_per_s": len(labels) / cand_seconds,
               "reference": {"recipe": Recipe().to_dict(), "seconds": ref_seconds,
-                            "images_per_s": len(labels) / ref_seconds}, "machine": machine_info()}
+                            "images_per_s": len(labels) / ref_seconds},
+              "machine": {**machine_info(device), "threads": torch.get_num_threads()}}
     if test is not None:
         classifier = _classifier_for(data, reference.num_classes)
         report["quality"] = _quality(cand_images, labels, test, features, classifier)
