@@ -49,7 +49,15 @@ def register_step(type_name: str, config_cls: type, handler: Callable[[Pipeline,
     STEPS[type_name] = _Step(config_cls, handler)
 
 
+def _builtin_steps() -> None:
+    """Register the steps litevar ships (imported on first use: they import this module)."""
+    import importlib
+
+    importlib.import_module("litevar.attention.steps")
+
+
 def _parse_step(raw: Any, position: int) -> Any:
+    _builtin_steps()
     if dataclasses.is_dataclass(raw) and not isinstance(raw, type):
         kind = next((name for name, s in STEPS.items() if isinstance(raw, s.config_cls)), None)
         if kind is None:

@@ -49,6 +49,19 @@ class KVCache:
         self.length = new_len
         return self.k[:, :, :new_len], self.v[:, :, :new_len]
 
+    def append_rows(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new keys/values of the first ``rows`` rows only (the other rows' slots stay unwritten and must
+        not be read again); return those rows' cached keys/values (views)."""
+        if k_BHlc.shape[0] != rows:
+            raise ValueError(f"append_rows got {k_BHlc.shape[0]} rows of keys, expected {rows}")
+        new_len = self.length + k_BHlc.shape[2]
+        if new_len > self.max_len:
+            raise RuntimeError(f"KV cache full: {new_len} tokens > reserved {self.max_len}")
+        self.k[:rows, :, self.length:new_len] = k_BHlc
+        self.v[:rows, :, self.length:new_len] = v_BHlc
+        self.length = new_len
+        return self.k[:rows, :, :new_len], self.v[:rows, :, :new_len]
+
     def nbytes(self) -> int:
         """Bytes of the keys/values currently held (what a compressed cache would shrink)."""
         per_token = self.k[:, :, :1].numel() * self.k.element_size()

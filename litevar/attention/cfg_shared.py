@@ -1,0 +1,148 @@
+"""Attention sharing across the two classifier-free-guidance halves (ASC, LiteVAR).
+
+Rows are [conditional B; unconditional B]. Two variants, each switched on per (layer, scale) by a schedule:
+- ``map``: the unconditional half reuses the conditional attention probabilities with its own values
+  (what LiteVAR's code does): QK^T and softmax run for the conditional half only.
+- ``output``: the unconditional half reuses the conditional attention output after the projection and skips its
+  q/k/v, attention and projection (the "/2" of LiteVAR's FLOP count). Its keys/values of shared scales are never
+  computed, so once a layer shares outputs it must share them for every later scale (the schedule is checked).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .context import AttnContext
+from .dense import DenseAttnProcessor
+
+MODES = ("map", "output")
+
+
+@dataclass
+class SharingSchedule:
+    """Which (layer, scale) share attention across the CFG halves.
+
+    Args:
+        mode: "map" or "output".
+        shared: bool [depth, K]; for "output" every row must be a suffix (off ... off, on ... on).
+
+    Example:
+        >>> SharingSchedule.everywhere("output", depth=2, scales=3).shared.all().item()
+        True
+    """
+
+    mode: str
+    shared: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown sharing mode {self.mode!r}; use one of {MODES}")
+        self.shared = torch.as_tensor(self.shared, dtype=torch.bool)
+        if self.shared.dim() != 2:
+            raise ValueError(f"the sharing schedule must be [depth, scales], got {list(self.shared.shape)}")
+        if self.mode == "output":
+            suffix = self.shared.flip(1).cummin(dim=1).values.flip(1)
+            if not torch.equal(suffix, self.shared):
+                raise ValueError("an output-sharing schedule must, per layer, share every scale after the first "
+                                 "shared one (the unconditional keys/values of shared scales are never computed)")
+
+    @classmethod
+    def everywhere(cls, mode: str, depth: int, scales: int) -> "SharingSchedule":
+        return cls(mode, torch.ones(depth, scales, dtype=torch.bool))
+
+    @classmethod
+    def from_similarity(cls, mode: str, similarity: torch.Tensor, min_similarity: float) -> "SharingSchedule":
+        """Share where the measured cond/uncond output similarity is at least ``min_similarity`` (for "output",
+        from the first scale after which it stays there)."""
+        shared = similarity >= min_similarity
+        if mode == "output":
+            shared = shared.flip(1).cummin(dim=1).values.flip(1)
+        return cls(mode, shared)
+
+    def to_state(self) -> dict:
+        return {"mode": self.mode, "shared": self.shared.int().tolist()}
+
+
+class CFGSharedAttnProcessor:
+    """ASC on top of an attention core (dense, or an MDWA :class:`WindowedAttnProcessor`).
+
+    Args:
+        schedule: where and how to share.
+        core: an object with ``attend(layer, scale_index, q, k, v, scale)``; None = dense attention.
+    """
+
+    def __init__(self, schedule: SharingSchedule, core=None) -> None:
+        self.schedule = schedule
+        self.core = core
+
+    def _attend(self, layer, si, q, k, v, scale):
+        if self.core is None:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return self.core.attend(layer, si, q, k, v, scale)
+
+    def _probs(self, layer, si, q, k, scale):
+        logits = (q.float() @ k.float().transpose(-1, -2)) * scale
+        if self.core is not None:
+            logits = logits + self.core.plan.attn_bias(layer, si, torch.float32, q.device)
+        return logits.softmax(dim=-1)
+
+    def __call__(self, attn, x_BLC: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        layer, si, B = attn.block_idx, ctx.scale_index, ctx.cfg_batch
+        if ctx.kv_caches is None:
+            return (self.core or DenseAttnProcessor())(attn, x_BLC, ctx)
+        if B is None or not bool(self.schedule.shared[layer, si]):
+            q, k, v = attn.project_qkv(x_BLC)
+            k, v = ctx.kv_caches[layer].append(k, v)
+            return attn.project_out(self._attend(layer, si, q, k, v, attn.softmax_scale))
+        cache = ctx.kv_caches[layer]
+        if self.schedule.mode == "output":
+            q, k, v = attn.project_qkv(x_BLC[:B])
+            k, v = cache.append_rows(k, v, rows=B)
+            y_BlC = attn.project_out(self._attend(layer, si, q, k, v, attn.softmax_scale))
+            return torch.cat((y_BlC, y_BlC))
+        q, k, v = attn.project_qkv(x_BLC)
+        k, v = cache.append(k, v)
+        probs = self._probs(layer, si, q[:B], k[:B], attn.softmax_scale)
+        out = torch.cat((probs @ v[:B].float(), probs @ v[B:].float())).to(v.dtype)
+        return attn.project_out(out)
+
+
+class _SimilarityProbe:
+    """Dense attention that records the cosine similarity of the cond and uncond attention outputs."""
+
+    def __init__(self, depth: int, scales: int) -> None:
+        self.sums = torch.zeros(depth, scales, dtype=torch.float64)
+        self.counts = torch.zeros(depth, scales, dtype=torch.float64)
+        self.dense = DenseAttnProcessor()
+
+    def __call__(self, attn, x_BLC, ctx):
+        y = self.dense(attn, x_BLC, ctx)
+        if ctx.kv_caches is not None and ctx.cfg_batch is not None:
+            B = ctx.cfg_batch
+            cos = F.cosine_similarity(y[:B].float(), y[B:].float(), dim=-1)
+            self.sums[attn.block_idx, ctx.scale_index] += cos.double().sum().item()
+            self.counts[attn.block_idx, ctx.scale_index] += cos.numel()
+        return y
+
+
+def measure_cfg_similarity(pipe, samples: int = 32, batch_size: int = 16, seed: int = 0, progress: bool = True,
+                           **sampling) -> torch.Tensor:
+    """Mean cosine similarity [depth, K] of the cond and uncond attention outputs (after the projection) per
+    layer and scale, over ``samples`` generations (classes in turn, image i with seed ``seed + i``)."""
+    if samples < 1 or batch_size < 1:
+        raise ValueError(f"samples and batch_size must be >= 1, got {samples} and {batch_size}")
+    cfg = pipe.config.var
+    probe = _SimilarityProbe(cfg.depth, len(cfg.patch_nums))
+    previous = [block.attn.processor for block in pipe.var.blocks]
+    pipe.var.set_attn_processor(probe)
+    try:
+        for start in tqdm(range(0, samples, batch_size), desc="cfg similarity", disable=not progress):
+            n = min(batch_size, samples - start)
+            labels = [(start + i) % pipe.num_classes for i in range(n)]
+            pipe.generate(labels, seed=[seed + start + i for i in range(n)], progress=False, **sampling)
+    finally:
+        pipe.var.set_attn_processor(dict(enumerate(previous)))
+    return probe.sums / probe.counts.clamp_min(1)
