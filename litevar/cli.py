@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .cli_args import UsageError, add_model_args, check_run, check_writable, image_name, parse_classes
+from .cli_args import (UsageError, add_model_args, add_sampling_args, check_run, check_writable, image_name,
+                       parse_classes)
 from .files import write_atomic
 from .images import grid, save_png_atomic, to_uint8_hwc
 from .models.configs import ConfigError
@@ -86,11 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--classes", help="comma-separated class ids, e.g. 207,360 (default: every class)")
     gen.add_argument("--per-class", type=int, default=1, help="images per class")
     gen.add_argument("--seed", type=int, default=0, help="image i of each class uses seed + i")
-    gen.add_argument("--cfg", type=float, help="classifier-free guidance strength (default: the model card's, else 1.5)")
-    gen.add_argument("--top-k", type=int, help="default: the model card's, else 900")
-    gen.add_argument("--top-p", type=float, help="default: the model card's, else 0.96")
-    gen.add_argument("--more-smooth", action="store_true", default=None,
-                     help="Gumbel-softmax token features (smoother images)")
+    add_sampling_args(gen)
     gen.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--batch-size", type=int, default=8)

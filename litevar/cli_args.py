@@ -26,6 +26,16 @@ def add_model_args(parser: argparse.ArgumentParser, random_shapes: bool = False)
                             "e.g. var-d16 (timing and FLOPs do not depend on the weights)")
 
 
+def add_sampling_args(parser: argparse.ArgumentParser, more_smooth: bool = True) -> None:
+    """--cfg / --top-k / --top-p (and --more-smooth); None = the model card's setting."""
+    parser.add_argument("--cfg", type=float, help="classifier-free guidance strength (default: the model card's, else 1.5)")
+    parser.add_argument("--top-k", type=int, help="default: the model card's, else 900")
+    parser.add_argument("--top-p", type=float, help="default: the model card's, else 0.96")
+    if more_smooth:
+        parser.add_argument("--more-smooth", action="store_true", default=None,
+                            help="Gumbel-softmax token features (smoother images)")
+
+
 def add_recipe_arg(parser: argparse.ArgumentParser, default: str = "fp32") -> None:
     parser.add_argument("--recipe", default=default,
                         help=f"candidate recipe: a JSON file, or a precision fp32 / bf16 / fp16 (default {default})")

@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .cli_args import add_model_args, add_recipe_arg, check_run, check_writable, image_name, parse_classes, positive
+from .cli_args import (add_model_args, add_recipe_arg, add_sampling_args, check_run, check_writable, image_name,
+                       parse_classes, positive)
 from .distributed import World, process_group
 from .files import write_atomic
 from .images import grid, save_png_atomic, to_uint8_hwc
@@ -245,11 +246,7 @@ def add_sample_command(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="image i of the job list uses seed + i")
     p.add_argument("--batch-size", type=int, default=16,
                    help="images per chunk (default 16); keep it fixed to resume with byte-identical files")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance strength (default: the model card's, else 1.5)")
-    p.add_argument("--top-k", type=int, help="default: the model card's, else 900")
-    p.add_argument("--top-p", type=float, help="default: the model card's, else 0.96")
-    p.add_argument("--more-smooth", action="store_true", default=None,
-                   help="Gumbel-softmax token features (smoother images)")
+    add_sampling_args(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:LOCAL_RANK under torchrun)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace a different run's outputs and regenerate all")

@@ -8,9 +8,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..files import write_atomic
+from .probe import generate_with_processor
 from .context import AttnContext
 from .dense import DenseAttnProcessor
 from .windows import WindowPlan
@@ -60,18 +60,8 @@ def collect_attention_maps(pipe, layers: Sequence[int], heads: Sequence[int], sc
         >>> maps[(0, 9)].shape  # doctest: +SKIP
         torch.Size([2, 256, 680])
     """
-    if samples < 1 or batch_size < 1:
-        raise ValueError(f"samples and batch_size must be >= 1, got {samples} and {batch_size}")
     probe = AttentionMapProcessor(layers, heads, scales)
-    previous = [block.attn.processor for block in pipe.var.blocks]
-    pipe.var.set_attn_processor(probe)
-    try:
-        for start in tqdm(range(0, samples, batch_size), desc="attention maps", disable=not progress):
-            n = min(batch_size, samples - start)
-            labels = [(start + i) % pipe.num_classes for i in range(n)]
-            pipe.generate(labels, seed=[seed + start + i for i in range(n)], progress=False, **sampling)
-    finally:
-        pipe.var.set_attn_processor(dict(enumerate(previous)))
+    generate_with_processor(pipe, probe, samples, batch_size, seed, "attention maps", progress, **sampling)
     return {key: (total / probe.rows[key]).float() for key, total in probe.sums.items()}
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..files import write_atomic
+from .probe import generate_with_processor
 from .context import AttnContext
 from .dense import DenseAttnProcessor
 from .windows import DROP, FULL, GEOMETRIES, PlanError, WindowPlan, needed_width
@@ -121,19 +121,10 @@ def collect_stats(pipe, samples: int = 64, batch_size: int = 16, seed: int = 0, 
         >>> stats = collect_stats(pipe, samples=32)  # doctest: +SKIP
         >>> plan = stats.plan("raster", 0.95, model=model_identity(pipe.var))  # doctest: +SKIP
     """
-    if samples < 1 or batch_size < 1:
-        raise ValueError(f"samples and batch_size must be >= 1, got {samples} and {batch_size}")
     cfg = pipe.config.var
     stats = AttentionStats(cfg.patch_nums, cfg.depth, cfg.heads, prob_floor)
-    previous = [block.attn.processor for block in pipe.var.blocks]
-    pipe.var.set_attn_processor(CalibrationAttnProcessor(stats))
-    try:
-        for start in tqdm(range(0, samples, batch_size), desc="calibrate", disable=not progress):
-            n = min(batch_size, samples - start)
-            labels = [(start + i) % pipe.num_classes for i in range(n)]
-            pipe.generate(labels, seed=[seed + start + i for i in range(n)], progress=False, **sampling)
-    finally:
-        pipe.var.set_attn_processor(dict(enumerate(previous)))
+    generate_with_processor(pipe, CalibrationAttnProcessor(stats), samples, batch_size, seed, "calibrate", progress,
+                            **sampling)
     return stats
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from .probe import generate_with_processor
 from .context import AttnContext
 from .dense import DenseAttnProcessor
 
@@ -132,17 +132,7 @@ def measure_cfg_similarity(pipe, samples: int = 32, batch_size: int = 16, seed: 
                            **sampling) -> torch.Tensor:
     """Mean cosine similarity [depth, K] of the cond and uncond attention outputs (after the projection) per
     layer and scale, over ``samples`` generations (classes in turn, image i with seed ``seed + i``)."""
-    if samples < 1 or batch_size < 1:
-        raise ValueError(f"samples and batch_size must be >= 1, got {samples} and {batch_size}")
     cfg = pipe.config.var
     probe = _SimilarityProbe(cfg.depth, len(cfg.patch_nums))
-    previous = [block.attn.processor for block in pipe.var.blocks]
-    pipe.var.set_attn_processor(probe)
-    try:
-        for start in tqdm(range(0, samples, batch_size), desc="cfg similarity", disable=not progress):
-            n = min(batch_size, samples - start)
-            labels = [(start + i) % pipe.num_classes for i in range(n)]
-            pipe.generate(labels, seed=[seed + start + i for i in range(n)], progress=False, **sampling)
-    finally:
-        pipe.var.set_attn_processor(dict(enumerate(previous)))
+    generate_with_processor(pipe, probe, samples, batch_size, seed, "cfg similarity", progress, **sampling)
     return probe.sums / probe.counts.clamp_min(1)

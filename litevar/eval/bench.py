@@ -360,7 +360,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def add_bench_command(sub) -> None:
     """Register ``litevar bench`` on the CLI's subparsers."""
-    from ..cli_args import add_model_args, add_recipe_arg
+    from ..cli_args import add_model_args, add_recipe_arg, add_sampling_args
 
     b = sub.add_parser("bench", help="speed, memory and FLOPs of a recipe next to the dense model")
     add_model_args(b, random_shapes=True)
@@ -372,8 +372,6 @@ def add_bench_command(sub) -> None:
     b.add_argument("--threads", type=int, help="torch threads in each benchmark process (default: torch's)")
     b.add_argument("--device", default="cpu", help="cpu or cuda")
     b.add_argument("--seed", type=int, default=0, help="image i uses seed + i (same for both variants)")
-    b.add_argument("--cfg", type=float, help="default: the model card's")
-    b.add_argument("--top-k", type=int)
-    b.add_argument("--top-p", type=float)
+    add_sampling_args(b, more_smooth=False)
     b.add_argument("--out", help="JSON path (a PNG is written next to it); default benchmarks/results/bench_<model>_<recipe>.json")
     b.set_defaults(func=cmd_bench)

@@ -127,7 +127,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def add_eval_commands(sub) -> None:
-    from ..cli_args import add_model_args, add_recipe_arg
+    from ..cli_args import add_model_args, add_recipe_arg, add_sampling_args
 
     e = sub.add_parser("eval", help="fidelity of a recipe to the dense fp32 model, and quality vs data")
     add_model_args(e)
@@ -135,9 +135,7 @@ def add_eval_commands(sub) -> None:
     e.add_argument("--per-class", type=int, default=100, help="images per class")
     e.add_argument("--classes", help="comma-separated class ids (default: every class)")
     e.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    e.add_argument("--cfg", type=float, help="default: the model card's")
-    e.add_argument("--top-k", type=int)
-    e.add_argument("--top-p", type=float)
+    add_sampling_args(e, more_smooth=False)
     e.add_argument("--data", default="auto", help="dataset for quality vs data: fashion-mnist, an image folder, or "
                    "none (default auto: fashion-mnist for the shipped model, none otherwise)")
     e.add_argument("--batch-size", type=int, default=50)
