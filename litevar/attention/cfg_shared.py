@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..eval.flops import count_as
 from .probe import generate_with_processor
 from .context import AttnContext
 from .dense import DenseAttnProcessor
@@ -105,8 +106,9 @@ class CFGSharedAttnProcessor:
             return torch.cat((y_BlC, y_BlC))
         q, k, v = attn.project_qkv(x_BLC)
         k, v = cache.append(k, v)
-        probs = self._probs(layer, si, q[:B], k[:B], attn.softmax_scale)
-        out = torch.cat((probs @ v[:B].float(), probs @ v[B:].float())).to(v.dtype)
+        with count_as("attention"):
+            probs = self._probs(layer, si, q[:B], k[:B], attn.softmax_scale)
+            out = torch.cat((probs @ v[:B].float(), probs @ v[B:].float())).to(v.dtype)
         return attn.project_out(out)
 
 

@@ -105,6 +105,29 @@ def _summary(runs: list[tuple[float, dict]]) -> dict[str, Any]:
             "kv_cache_bytes": runs[-1][1]["kv_cache_bytes"]}
 
 
+def _attention_layer_seconds(pipe, labels, seeds, sampling: dict, device: torch.device) -> float:
+    """Wall time inside the attention layers (q/k/v projection, attention, output projection) of one generation,
+    from forward hooks; the processor decides what runs there (MDWA, ASC, ...)."""
+    state = {"total": 0.0, "start": 0.0}
+
+    def before(module, args):
+        _sync(device)
+        state["start"] = time.perf_counter()
+
+    def after(module, args, output):
+        _sync(device)
+        state["total"] += time.perf_counter() - state["start"]
+
+    handles = [h for block in pipe.var.blocks for h in (block.attn.register_forward_pre_hook(before),
+                                                         block.attn.register_forward_hook(after))]
+    try:
+        pipe.generate(labels, seed=seeds, progress=False, **sampling)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return state["total"]
+
+
 def _weight_bytes(module: torch.nn.Module) -> int:
     tensors = list(module.parameters()) + list(module.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -141,6 +164,8 @@ def measure_variant(spec: dict[str, Any]) -> dict[str, Any]:
         pipe.generate(labels, seed=seeds, progress=False, **sampling)
     latency = _summary(_timed_runs(pipe, labels[:1], seeds[:1], sampling, spec["repeats"], device))
     throughput = _summary(_timed_runs(pipe, labels, seeds, sampling, spec["repeats"], device))
+    attention_s = statistics.median(_attention_layer_seconds(pipe, labels, seeds, sampling, device)
+                                    for _ in range(spec["repeats"]))
     peak_rss = peak_rss_mb()
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss
     weights = {"var": _weight_bytes(pipe.var), "vae": _weight_bytes(pipe.vae)}
@@ -152,7 +177,7 @@ def measure_variant(spec: dict[str, Any]) -> dict[str, Any]:
         "per_scale_s": latency["per_scale_s"], "stages_s": latency["stages_s"],
         "latency": {"batch": 1, **latency},
         "throughput": {"batch": batch, **throughput},
-        "kv_cache_bytes": throughput["kv_cache_bytes"],
+        "kv_cache_bytes": throughput["kv_cache_bytes"], "attention_layer_s": attention_s,
         "weight_bytes": {**weights, "total": sum(weights.values())},
         "flops": flops, "threads": torch.get_num_threads(), "labels": labels, "seeds": seeds, "sampling": sampling,
         "patch_nums": list(pipe.config.var.patch_nums), "device": str(device), "pid": os.getpid(),
@@ -182,6 +207,7 @@ def compute_ratios(dense: dict[str, Any], candidate: dict[str, Any]) -> dict[str
         "throughput_time": _ratio(1 / dense["images_per_s"], 1 / candidate["images_per_s"]),
         "peak_memory": _ratio(dense["peak_memory_mb"], candidate["peak_memory_mb"]),
         "kv_cache_bytes": _ratio(dense["kv_cache_bytes"], candidate["kv_cache_bytes"]),
+        "attention_layer_time": _ratio(dense["attention_layer_s"], candidate["attention_layer_s"]),
         "weight_bytes": _ratio(dense["weight_bytes"]["total"], candidate["weight_bytes"]["total"]),
         "stages": {k: _ratio(dense["stages_s"][k], candidate["stages_s"][k]) for k in STAGES},
         "flops": {k: _ratio(dense["flops"][k], candidate["flops"][k]) for k in FLOP_BUCKETS},
@@ -289,6 +315,8 @@ def format_table(report: dict[str, Any]) -> str:
         ("RSS before load (MB)", d["rss_before_load_mb"], c["rss_before_load_mb"], None),
         (f"KV cache, batch {s['batch']} (MB)", d["kv_cache_bytes"] / 2**20, c["kv_cache_bytes"] / 2**20, r["kv_cache_bytes"]),
         ("weights (MB)", d["weight_bytes"]["total"] / 2**20, c["weight_bytes"]["total"] / 2**20, r["weight_bytes"]),
+        (f"attention layers s, batch {s['batch']}", d["attention_layer_s"], c["attention_layer_s"],
+         r["attention_layer_time"]),
     ]
     rows += [(f"{k} s, batch 1", d["stages_s"][k], c["stages_s"][k], r["stages"][k]) for k in STAGES]
     rows += [(f"GFLOP/img {k}", d["flops"][k] / 1e9, c["flops"][k] / 1e9, r["flops"][k]) for k in FLOP_BUCKETS]

@@ -101,3 +101,15 @@ def test_plan_round_trip_and_wrong_model(tiny_pipe):
         apply_window_plan(tiny_pipe.var, wrong)
     with pytest.raises(PlanError, match="not a window plan"):
         WindowPlan.from_state({"windows": []})
+
+
+def test_gather_runs_and_index_paths():
+    from litevar.attention.sparse import MAX_RUNS, _gather, _runs_or_index
+
+    x = torch.arange(2 * 3 * 40 * 2, dtype=torch.float32).view(2, 3, 40, 2)
+    few = torch.tensor([0, 1, 2, 10, 11, 30])
+    assert _runs_or_index(few, "cpu") == [(0, 3), (10, 12), (30, 31)]
+    many = torch.arange(0, 2 * (MAX_RUNS + 1), 2)
+    assert isinstance(_runs_or_index(many, "cpu"), torch.Tensor)
+    for index in (few, many):
+        assert torch.equal(_gather(x, _runs_or_index(index, "cpu")), x[:, :, index])

@@ -1,0 +1,54 @@
+"""The README's LiteVAR attention table from `litevar eval` and `litevar bench` JSONs (one pair per recipe).
+
+    python benchmarks/attention_table.py --results benchmarks/results/attention
+reads eval_<name>.json and bench_<name>.json for every recipe name found and prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _row(name: str, ev: dict | None, be: dict | None) -> str:
+    cells = [name]
+    if be is not None:
+        d, c = be["dense"], be["candidate"]
+        reduction = 1 - c["flops"]["attention"] / d["flops"]["attention"]
+        cells += [f"{100 * reduction:.1f}%", f"{d['attention_layer_s']:.2f} / {c['attention_layer_s']:.2f}",
+                  f"{be['ratios']['throughput_time']:.2f}x"]
+    else:
+        cells += ["-", "-", "-"]
+    if ev is not None:
+        f, q, rq = ev["fidelity"], ev.get("quality", {}), ev["reference"].get("quality", {})
+        psnr = f["psnr_db"] if isinstance(f["psnr_db"], str) else f"{f['psnr_db']:.1f}"
+        fd_change = 100 * (q["fd_effl0"] / rq["fd_effl0"] - 1) if q else None
+        cells += [f"{f['token_agreement']:.3f}", psnr, f"{f['fd_to_reference']:.1f}",
+                  f"{q['fd_effl0']:.1f} ({fd_change:+.1f}%)" if q else "-",
+                  f"{100 * q['class_consistency']:.1f} ({100 * (q['class_consistency'] - rq['class_consistency']):+.1f})"
+                  if "class_consistency" in q else "-"]
+    else:
+        cells += ["-"] * 5
+    return "| " + " | ".join(cells) + " |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default="benchmarks/results/attention")
+    args = parser.parse_args()
+    folder = Path(args.results)
+    names = sorted({p.stem.split("_", 1)[1] for p in folder.glob("eval_*.json")} |
+                   {p.stem.split("_", 1)[1] for p in folder.glob("bench_*.json")})
+    print("| recipe | attention FLOPs saved | attention layers s, dense / candidate (batch 8) | end-to-end speed-up "
+          "(batch 8) | token agreement | PSNR to dense (dB) | FD-EffLite0 to dense | FD-EffLite0 vs data (change) "
+          "| class-consistency % (change) |")
+    print("|" + "---|" * 10)
+    for name in names:
+        ev_path, be_path = folder / f"eval_{name}.json", folder / f"bench_{name}.json"
+        ev = json.loads(ev_path.read_text()) if ev_path.exists() else None
+        be = json.loads(be_path.read_text()) if be_path.exists() else None
+        print(_row(name, ev, be))
+
+
+if __name__ == "__main__":
+    main()
