@@ -21,6 +21,7 @@ from ..files import write_atomic
 from ..recipe import Recipe, build_pipeline, load_recipe
 from .bench import machine_info
 from .fidelity import FidelityAccumulator, image_fidelity
+from .metrics import frechet_distance
 from .quality import FEATURE_SIZE, FeatureCache
 
 EVAL_VERSION = 1
@@ -164,7 +165,6 @@ def evaluate(recipe: Recipe | str | dict | None = None, *, var_ckpt: str | Path 
     cand_images, acc, cand_seconds = _candidate_pass(reference, candidate, labels, seeds, ref_tokens, sampling,
                                                      batch_size, progress)
     features = FeatureCache(cache / "features" if cache else None, input_size=feature_size, progress=progress)
-    from .metrics import frechet_distance
     fidelity = {**acc.result(), **image_fidelity(ref_images, cand_images),
                 "fd_to_reference": frechet_distance(features(ref_images), features(cand_images))}
     report = {"litevar_eval": EVAL_VERSION, "metric": f"FD-EffLite0@{feature_size}px (EfficientNet-Lite0 ImageNet "
