@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install test bench bench-default eval-default clean data default-model demo quality
+.PHONY: install test bench bench-default eval-default attention-default clean data default-model demo quality
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,17 @@ eval-default: $(BIN)/.installed data
 	$(BIN)/litevar eval --recipe fp32 --per-class 100 --overwrite --out runs/eval
 	$(BIN)/litevar eval --recipe bf16 --per-class 100 --overwrite --out runs/eval
 	$(BIN)/litevar eval --compare runs/eval/eval_fp32.json runs/eval/eval_bf16.json
+
+# LiteVAR attention on the default model: calibrate plans, bench and eval every recipe of benchmarks/recipes/default.
+# About 10 min of benches and 80 min of evals (1 thread) on the 2-core CPU; the table is printed at the end.
+attention-default: $(BIN)/.installed data
+	$(BIN)/litevar calibrate-attention --dtype fp32 --samples 64 --seed 100000 --threshold 0.8 0.9 0.95 0.99 \
+		--out benchmarks/results/attention/plans --overwrite
+	for r in benchmarks/recipes/default/*.json; do n=$$(basename $$r .json); \
+		$(BIN)/litevar bench --recipe $$r --threads 2 --out benchmarks/results/attention/bench_$$n.json || exit 1; \
+		$(BIN)/litevar eval --recipe $$r --per-class 50 --threads 1 --out runs/eval50 --name $$n --overwrite || exit 1; \
+		cp runs/eval50/eval_$$n.json runs/eval50/eval_$$n.md benchmarks/results/attention/; done
+	$(BIN)/python benchmarks/attention_table.py
 
 # Fashion-MNIST from the Debian package, unpacked under .data/ without root when it is not installed.
 FMNIST := .data/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
