@@ -10,8 +10,17 @@ import json
 from pathlib import Path
 
 
+def _plan_kept(recipe: dict) -> str:
+    from litevar.attention.calibrate import load_plan
+
+    plans = [step["plan"] for step in recipe["steps"] if step["type"] == "mdwa"]
+    return f"{100 * load_plan(plans[0]).kept_fraction():.1f}%" if plans else "100%"
+
+
 def _row(name: str, ev: dict | None, be: dict | None) -> str:
     cells = [name]
+    recipe = (be or {}).get("candidate_recipe") or (ev or {}).get("recipe")
+    cells.append(_plan_kept(recipe) if recipe else "-")
     if be is not None:
         d, c = be["dense"], be["candidate"]
         reduction = 1 - c["flops"]["attention"] / d["flops"]["attention"]
@@ -39,10 +48,10 @@ def main() -> None:
     folder = Path(args.results)
     names = sorted({p.stem.split("_", 1)[1] for p in folder.glob("eval_*.json")} |
                    {p.stem.split("_", 1)[1] for p in folder.glob("bench_*.json")})
-    print("| recipe | attention FLOPs saved | attention layers s, dense / candidate (batch 8) | end-to-end speed-up "
+    print("| recipe | query-key pairs kept by the plan | attention FLOPs saved (computed) | attention layers s, dense / candidate (batch 8) | end-to-end speed-up "
           "(batch 8) | token agreement | PSNR to dense (dB) | FD-EffLite0 to dense | FD-EffLite0 vs data (change) "
           "| class-consistency % (change) |")
-    print("|" + "---|" * 10)
+    print("|" + "---|" * 11)
     for name in names:
         ev_path, be_path = folder / f"eval_{name}.json", folder / f"bench_{name}.json"
         ev = json.loads(ev_path.read_text()) if ev_path.exists() else None
