@@ -34,12 +34,14 @@ class ASCConfig:
             or "map" (uncond reuses the cond attention probabilities with its own values).
         min_similarity: None = share at every layer and scale; else share where the measured cond/uncond
             attention-output cosine similarity is at least this (measured on ``calib_samples`` generations).
-        calib_samples: generations for that measurement (seeds 0..n-1, classes in turn).
+        calib_samples: generations for that measurement (classes in turn).
+        calib_seed: seed of the first of them (image i uses calib_seed + i; kept apart from evaluation seeds).
     """
 
     mode: str = "output"
     min_similarity: float | None = None
     calib_samples: int = 16
+    calib_seed: int = 100000
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -63,7 +65,7 @@ def _apply_asc(pipe, config: ASCConfig) -> None:
     if config.min_similarity is None:
         schedule = SharingSchedule.everywhere(config.mode, cfg.depth, len(cfg.patch_nums))
     else:
-        similarity = measure_cfg_similarity(pipe, samples=config.calib_samples, progress=False)
+        similarity = measure_cfg_similarity(pipe, samples=config.calib_samples, seed=config.calib_seed, progress=False)
         schedule = SharingSchedule.from_similarity(config.mode, similarity, config.min_similarity)
     pipe.var.set_attn_processor(CFGSharedAttnProcessor(schedule, core))
 

@@ -103,6 +103,9 @@ def test_recipe_steps_compose_and_check_the_plan(tmp_path, ref_dir, tiny_pipe):
     processor = pipe.var.blocks[0].attn.processor
     assert isinstance(processor, CFGSharedAttnProcessor) and isinstance(processor.core, WindowedAttnProcessor)
     assert _generate(pipe).images.shape[0] == 3
+    calibrated = build_pipeline({"steps": [{"type": "asc", "min_similarity": 0.5, "calib_samples": 2}]}, **args)
+    schedule = calibrated.var.blocks[0].attn.processor.schedule
+    assert schedule.mode == "output" and schedule.shared.shape == (2, 5)
     plan.model = {**plan.model, "weights_bf16_sha256": "0" * 16}
     save_plan(plan, tmp_path / "other.json")
     with pytest.raises(ValueError, match="another model"):
