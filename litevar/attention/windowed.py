@@ -9,7 +9,7 @@ import torch
 
 from .backends import sdpa
 from .context import AttnContext
-from .windows import WindowPlan
+from .windows import PlanError, WindowPlan
 
 BACKENDS = ("masked", "gathered")
 
@@ -70,7 +70,6 @@ def apply_window_plan(var, plan: WindowPlan, backend: str = "masked") -> Windowe
     """Check the plan against the model and install one windowed processor in every block."""
     cfg = var.cfg
     if tuple(plan.patch_nums) != tuple(cfg.patch_nums) or plan.depth != cfg.depth or plan.heads != cfg.heads:
-        from .windows import PlanError
         raise PlanError(f"window plan is for depth {plan.depth}, {plan.heads} heads, pyramid {plan.patch_nums}; "
                         f"the model has depth {cfg.depth}, {cfg.heads} heads, pyramid {tuple(cfg.patch_nums)}")
     processor = WindowedAttnProcessor(plan, backend)
