@@ -55,6 +55,11 @@ def image_name(label: int, seed: int) -> str:
     return f"class{label:04d}_seed{seed:06d}.png"
 
 
+def safe_name(text: str) -> str:
+    """A file-name-safe form of a recipe or model name."""
+    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in text)
+
+
 def positive(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UsageError(f"{name} must be a positive integer, got {value!r}")

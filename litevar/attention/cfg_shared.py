@@ -78,6 +78,7 @@ class CFGSharedAttnProcessor:
     def __init__(self, schedule: SharingSchedule, core=None) -> None:
         self.schedule = schedule
         self.core = core
+        self.unshared = core or DenseAttnProcessor()
 
     def _attend(self, layer, si, q, k, v, scale):
         if self.core is None:
@@ -87,13 +88,13 @@ class CFGSharedAttnProcessor:
     def _probs(self, layer, si, q, k, scale):
         logits = (q.float() @ k.float().transpose(-1, -2)) * scale
         if self.core is not None:
-            logits = logits + self.core.plan.attn_bias(layer, si, torch.float32, q.device)
+            logits = logits + self.core.bias(layer, si, torch.float32, q.device)
         return logits.softmax(dim=-1)
 
     def __call__(self, attn, x_BLC: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         layer, si, B = attn.block_idx, ctx.scale_index, ctx.cfg_batch
         if ctx.kv_caches is None:
-            return (self.core or DenseAttnProcessor())(attn, x_BLC, ctx)
+            return self.unshared(attn, x_BLC, ctx)
         if B is None or not bool(self.schedule.shared[layer, si]):
             q, k, v = attn.project_qkv(x_BLC)
             k, v = ctx.kv_caches[layer].append(k, v)

@@ -33,7 +33,8 @@ class WindowedAttnProcessor:
         self._bias: dict[tuple, torch.Tensor] = {}
         self._sparse: dict[tuple, object] = {}
 
-    def _cached_bias(self, layer: int, k: int | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def bias(self, layer: int, k: int | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The plan's additive mask for (layer, query scale k; None = teacher-forced), built once per dtype/device."""
         key = (layer, k, dtype, device)
         if key not in self._bias:
             if k is None:
@@ -46,7 +47,7 @@ class WindowedAttnProcessor:
                scale: float) -> torch.Tensor:
         """Windowed attention of queries of scale ``k`` (None: teacher-forced, all scales) over the given keys."""
         if k is None or self.backend == "masked":
-            return sdpa(q, key, value, scale, self._cached_bias(layer, k, q.dtype, q.device))
+            return sdpa(q, key, value, scale, self.bias(layer, k, q.dtype, q.device))
         from .sparse import GatheredLayout, gathered_attention
 
         layout_key = (layer, k, q.device)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..cli_args import UsageError, check_writable, positive
+from ..cli_args import UsageError, check_writable, positive, safe_name
 from ..files import write_atomic
 from ..recipe import Recipe, load_recipe
 
@@ -220,12 +220,8 @@ def _model_name(var_ckpt, shape) -> str:
     return "default" if var_ckpt is None else Path(str(var_ckpt)).stem
 
 
-def _safe(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in text)
-
-
 def default_out(recipe: Recipe, var_ckpt=None, shape=None) -> Path:
-    return Path("benchmarks/results") / f"bench_{_safe(_model_name(var_ckpt, shape))}_{_safe(recipe.name)}.json"
+    return Path("benchmarks/results") / f"bench_{safe_name(_model_name(var_ckpt, shape))}_{safe_name(recipe.name)}.json"
 
 
 def _check_device(device: str) -> str:

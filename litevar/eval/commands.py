@@ -83,12 +83,8 @@ def cmd_quality(args: argparse.Namespace) -> None:
     _write(out, name, report)
 
 
-def _safe_name(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in text)
-
-
 def cmd_eval(args: argparse.Namespace) -> None:
-    from ..cli_args import UsageError, check_writable, parse_classes, positive
+    from ..cli_args import UsageError, check_writable, parse_classes, positive, safe_name
     from .evaluate import evaluate, write_report
     from .tables import compare_markdown
 
@@ -109,7 +105,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe)
     out = Path(args.out)
     check_writable(out)
-    path = out / f"eval_{_safe_name(args.name or recipe.name)}.json"
+    path = out / f"eval_{safe_name(args.name or recipe.name)}.json"
     if path.exists() and not args.overwrite:
         raise UsageError(f"{path} exists; pass --name to keep both, or --overwrite to replace it")
     default_model = args.var_ckpt is None and args.vae_ckpt is None

@@ -58,10 +58,10 @@ def _to_uint8(images_B3HW: torch.Tensor) -> np.ndarray:
     return images_B3HW.float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _reference_set(pipe, labels: np.ndarray, seeds: np.ndarray, sampling: dict, batch_size: int,
+def _reference_set(pipe, weights: str, labels: np.ndarray, seeds: np.ndarray, sampling: dict, batch_size: int,
                    cache_dir: Path | None, progress: bool) -> tuple[np.ndarray, list[np.ndarray], float]:
     """Reference images (uint8 NHWC), tokens per scale and generation seconds, from the cache when present."""
-    key = {"weights": weights_digest(pipe.var, pipe.vae), "labels": hashlib.sha256(labels.tobytes()).hexdigest(),
+    key = {"weights": weights, "labels": hashlib.sha256(labels.tobytes()).hexdigest(),
            "seeds": hashlib.sha256(seeds.tobytes()).hexdigest(), "sampling": sampling, "batch_size": batch_size,
            "device": pipe.device.type, **_rounding_setup()}
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
@@ -161,7 +161,9 @@ def evaluate(recipe: Recipe | str | dict | None = None, *, var_ckpt: str | Path 
     if data is not None:
         from ..train.data import load_dataset
         test = load_dataset(data, "test", size=reference.config.vae.image_size)
-    ref_images, ref_tokens, ref_seconds = _reference_set(reference, labels, seeds, sampling, batch_size, cache, progress)
+    weights = weights_digest(reference.var, reference.vae)
+    ref_images, ref_tokens, ref_seconds = _reference_set(reference, weights, labels, seeds, sampling, batch_size, cache,
+                                                         progress)
     cand_images, acc, cand_seconds = _candidate_pass(reference, candidate, labels, seeds, ref_tokens, sampling,
                                                      batch_size, progress)
     features = FeatureCache(cache / "features" if cache else None, input_size=feature_size, progress=progress)
@@ -170,7 +172,7 @@ def evaluate(recipe: Recipe | str | dict | None = None, *, var_ckpt: str | Path 
     report = {"litevar_eval": EVAL_VERSION, "metric": f"FD-EffLite0@{feature_size}px (EfficientNet-Lite0 ImageNet "
               "features; not Inception FID)",
               "model": {"var_ckpt": str(var_ckpt or "default"), "vae_ckpt": str(vae_ckpt or "default"),
-                        "weights_sha256": weights_digest(reference.var, reference.vae)},
+                        "weights_sha256": weights},
               "recipe": recipe.to_dict(), "sampling": sampling, "images": len(labels), "per_class": per_class,
               "classes": sorted(set(labels.tolist())), "seed": seed, "batch_size": batch_size, "data": data,
               "fidelity": fidelity, "seconds": cand_seconds, "images_per_s": len(labels) / cand_seconds,
