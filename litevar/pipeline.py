@@ -87,6 +87,8 @@ class Pipeline:
 
     Build it with :func:`load_pipeline`. ``pipe.var(labels, x_BLCv)`` gives teacher-forced logits,
     ``pipe.vae.img_to_idx`` / ``pipe.vae.idx_to_img`` tokenize and decode (images in [-1, 1] there).
+    ``pipe.cache_factory`` builds each block's KV cache when sampling, called like :class:`KVCache` (set it to
+    e.g. :class:`~litevar.attention.kv_cache.Int8KVCache`).
     """
 
     def __init__(self, var: VAR, vae: VQVAE, config: PipelineConfig, sampling: dict | None = None,
@@ -96,6 +98,7 @@ class Pipeline:
         self.config = config
         self.sampling = {**SAMPLING_DEFAULTS, **(sampling or {})}
         self.class_names = list(class_names) if class_names else [str(c) for c in range(config.var.num_classes)]
+        self.cache_factory: Callable[..., KVCache] = KVCache
 
     @property
     def device(self) -> torch.device:
@@ -225,7 +228,8 @@ class Pipeline:
         cond_BD, block_mods, head_mod = var.conditioning(torch.cat((labels_B, torch.full_like(labels_B, vcfg.num_classes))))
         level_pos = var.level_pos()
         x_BLC = var.first_tokens(cond_BD, level_pos)
-        caches = [KVCache(2 * B, vcfg.heads, vcfg.seq_len, vcfg.head_dim, self.dtype, self.device) for _ in var.blocks]
+        caches = [self.cache_factory(2 * B, vcfg.heads, vcfg.seq_len, vcfg.head_dim, self.dtype, self.device)
+                  for _ in var.blocks]
         ctx = AttnContext(kv_caches=caches, cfg_batch=B)
         side = vcfg.patch_nums[-1]
         f_hat = torch.zeros(B, vcfg.z_channels, side, side, device=self.device)

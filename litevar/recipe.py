@@ -54,6 +54,7 @@ def _builtin_steps() -> None:
     import importlib
 
     importlib.import_module("litevar.attention.steps")
+    importlib.import_module("litevar.quant.methods")
 
 
 def _parse_step(raw: Any, position: int) -> Any:

@@ -54,8 +54,19 @@ class AdaLNBlock(nn.Module):
 
     def forward(self, x_BLC: torch.Tensor, mod_B16C: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mod_B16C.unbind(2)
-        x_BLC = x_BLC + self.attn(self._norm(x_BLC).mul(scale1.add(1)).add_(shift1), ctx).mul_(gamma1)
-        return x_BLC + self.ffn(self._norm(x_BLC).mul(scale2.add(1)).add_(shift2)).mul(gamma2)
+        unit1, unit2 = getattr(self, "aln_unit1", 1), getattr(self, "aln_unit2", 1)
+        x_BLC = x_BLC + self.attn(self._norm(x_BLC).mul(scale1.add(unit1)).add_(shift1), ctx).mul_(gamma1)
+        return x_BLC + self.ffn(self._norm(x_BLC).mul(scale2.add(unit2)).add_(shift2)).mul(gamma2)
+
+    def fold_input_affine(self, branch: str, shift: torch.Tensor, scale: torch.Tensor) -> None:
+        """Make the AdaLN output feeding ``branch`` ("attn" or "ffn") become ``(X - shift) / scale``.
+
+        The "1" of ``(1 + scale)`` becomes the per-channel buffer ``aln_unit1``/``aln_unit2``.
+        """
+        if self.shared_aln:
+            raise ValueError("input transforms cannot be folded into a shared AdaLN (d36-style models)")
+        k = {"attn": 0, "ffn": 1}[branch]
+        _fold_affine(self, self.ada_lin[1], f"aln_unit{k + 1}", (2 + k, 4 + k), shift, scale)
 
 
 class AdaLNHead(nn.Module):
@@ -72,7 +83,32 @@ class AdaLNHead(nn.Module):
 
     def forward(self, x_BLC: torch.Tensor, mod_B12C: torch.Tensor) -> torch.Tensor:
         scale, shift = mod_B12C.unbind(2)
-        return F.layer_norm(x_BLC, (self.width,), eps=self.norm_eps).mul(scale.add(1)).add_(shift)
+        unit = getattr(self, "aln_unit", 1)
+        return F.layer_norm(x_BLC, (self.width,), eps=self.norm_eps).mul(scale.add(unit)).add_(shift)
+
+    def fold_input_affine(self, shift: torch.Tensor, scale: torch.Tensor) -> None:
+        """Make the output become ``(X - shift) / scale`` (see :meth:`AdaLNBlock.fold_input_affine`)."""
+        _fold_affine(self, self.ada_lin[1], "aln_unit", (0, 1), shift, scale)
+
+
+@torch.no_grad()
+def _fold_affine(owner: nn.Module, ada_lin: nn.Linear, unit_name: str, rows: tuple[int, int],
+                 shift: torch.Tensor, scale: torch.Tensor) -> None:
+    """``LN(x) * (unit + s) + b  ->  LN(x) * (unit + s) / scale + (b - shift) / scale`` by editing the rows of the
+    modulation Linear that produce ``s`` (chunk ``rows[0]``) and ``b`` (chunk ``rows[1]``)."""
+    C = owner.width
+    weight, bias = ada_lin.weight, ada_lin.bias
+    scale32, shift32 = scale.float(), shift.float()
+    for chunk, subtract in ((rows[0], None), (rows[1], shift32)):
+        r = slice(chunk * C, (chunk + 1) * C)
+        weight[r] = (weight[r].float() / scale32[:, None]).to(weight.dtype)
+        b = bias[r].float() if subtract is None else bias[r].float() - subtract
+        bias[r] = (b / scale32).to(bias.dtype)
+    unit = getattr(owner, unit_name, None)
+    unit32 = torch.ones(C) if unit is None else unit.float()
+    if unit is None:
+        owner.register_buffer(unit_name, torch.empty(C, dtype=weight.dtype, device=weight.device))
+    getattr(owner, unit_name).copy_(unit32.to(weight.device) / scale32.to(weight.device))
 
 
 class VAR(nn.Module):

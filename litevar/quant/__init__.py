@@ -1,0 +1,1 @@
+"""Quantization: primitives, fake-quant and runtime modules, calibration."""

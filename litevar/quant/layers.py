@@ -1,0 +1,83 @@
+"""Architecture knowledge in one place: VAR's Linear layer types and which AdaLN feeds which Linear."""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn as nn
+
+LAYER_TYPES = ("word_embed", "mat_qkv", "proj", "fc1", "fc2", "ada_lin", "head")
+_PATTERNS = {
+    "word_embed": r"word_embed",
+    "mat_qkv": r"blocks\.\d+\.attn\.mat_qkv",
+    "proj": r"blocks\.\d+\.attn\.proj",
+    "fc1": r"blocks\.\d+\.ffn\.fc1",
+    "fc2": r"blocks\.\d+\.ffn\.fc2",
+    "ada_lin": r"(blocks\.\d+\.|head_nm\.|shared_)ada_lin\.1",
+    "head": r"head",
+}
+# Linear -> (the module whose AdaLN produces its input, the branch): transforms of these inputs fold exactly.
+_FOLDABLE = {"mat_qkv": "attn", "fc1": "ffn", "head": None}
+
+
+def layer_type(name: str) -> str | None:
+    """The layer type of a VAR module name, e.g. ``blocks.3.ffn.fc2`` -> ``fc2`` (None for non-Linears)."""
+    return next((kind for kind, pattern in _PATTERNS.items() if re.fullmatch(pattern, name)), None)
+
+
+def check_layer_types(types, what: str) -> tuple[str, ...]:
+    unknown = sorted(set(types) - set(LAYER_TYPES))
+    if unknown:
+        raise ValueError(f"{what}: unknown layer types {unknown}; known: {list(LAYER_TYPES)}")
+    return tuple(types)
+
+
+def linear_layers(var: nn.Module, types=LAYER_TYPES) -> dict[str, nn.Module]:
+    """``{name: module}`` of the model's Linear-like modules of the given types, in model order."""
+    found = {}
+    for name, module in var.named_modules():
+        kind = layer_type(name)
+        if kind in types and hasattr(module, "weight"):
+            found[name] = module
+    return found
+
+
+def foldable(name: str) -> bool:
+    """Whether an input shift/scale of this layer can be folded into the AdaLN before it."""
+    return layer_type(name) in _FOLDABLE
+
+
+def _block(var: nn.Module, name: str) -> nn.Module:
+    return var.blocks[int(name.split(".")[1])]
+
+
+@torch.no_grad()
+def absorb_input_transform(var: nn.Module, name: str, shift: torch.Tensor | None, scale: torch.Tensor | None) -> None:
+    """Make layer ``name`` see ``(X - shift) / scale`` with the model function unchanged: the AdaLN before it
+    produces the transformed input, the layer's weight becomes ``W diag(scale)`` and its bias ``b + W shift``.
+
+    Example:
+        >>> absorb_input_transform(var, "blocks.0.ffn.fc1", None, torch.full((C,), 2.0))  # doctest: +SKIP
+    """
+    kind = layer_type(name)
+    if kind not in _FOLDABLE:
+        raise ValueError(f"{name}: input transforms fold only into layers after an AdaLN ({sorted(_FOLDABLE)})")
+    linear = var.get_submodule(name)
+    C = linear.weight.shape[1]
+    shift = torch.zeros(C) if shift is None else shift.float().cpu()
+    scale = torch.ones(C) if scale is None else scale.float().cpu()
+    if kind == "head":
+        var.head_nm.fold_input_affine(shift, scale)
+    else:
+        _block(var, name).fold_input_affine(_FOLDABLE[kind], shift, scale)
+    weight32 = linear.weight.float()
+    added_bias = weight32 @ shift.to(weight32.device)
+    linear.weight.copy_(weight32 * scale.to(weight32.device))
+    if kind == "mat_qkv":  # the q|k|v bias lives on the attention module
+        attn = _block(var, name).attn
+        for param, part in zip((attn.q_bias, attn.zero_k_bias, attn.v_bias), added_bias.chunk(3)):
+            param.add_(part.to(param.dtype))
+    elif linear.bias is not None:
+        linear.bias.add_(added_bias.to(linear.bias.dtype))
+    else:
+        raise ValueError(f"{name}: a shift needs a bias to compensate it")
