@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install test bench bench-default eval-default attention-default clean data default-model demo quality
+.PHONY: install test bench bench-default eval-default attention-default quant-default clean data default-model demo quality
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,15 @@ attention-default: $(BIN)/.installed data
 		$(BIN)/litevar eval --recipe $$r --per-class 50 --threads 1 --out runs/eval50 --name $$n --overwrite || exit 1; \
 		cp runs/eval50/eval_$$n.json runs/eval50/eval_$$n.md benchmarks/results/attention/; done
 	$(BIN)/python benchmarks/attention_table.py
+
+# Quantization on the default model: eval every recipe of benchmarks/recipes/quant/default (500 images each, fake
+# quant in fp32 against the dense fp32 reference; ~7 min per recipe at 1 thread). Finished reports are kept: rerun to resume.
+quant-default: $(BIN)/.installed data
+	mkdir -p benchmarks/results/quant
+	for r in benchmarks/recipes/quant/default/*.json; do n=$$(basename $$r .json); \
+		[ -f benchmarks/results/quant/eval_$$n.json ] && continue; \
+		$(BIN)/litevar eval --recipe $$r --per-class 50 --threads 1 --out runs/eval50 --name $$n --overwrite || exit 1; \
+		cp runs/eval50/eval_$$n.json runs/eval50/eval_$$n.md benchmarks/results/quant/; done
 
 # Fashion-MNIST from the Debian package, unpacked under .data/ without root when it is not installed.
 FMNIST := .data/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz

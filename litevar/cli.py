@@ -18,6 +18,7 @@ from .models.configs import ConfigError
 from .models.loading import CheckpointError
 from .pipeline import SAMPLING_DEFAULTS, check_sampling_args, load_pipeline, parse_dtype
 from .attention.commands import add_attention_commands
+from .quant.commands import add_quant_commands
 from .eval.bench import add_bench_command
 from .eval.commands import add_eval_commands
 from .samples import add_sample_command
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_command(sub)
     add_sample_command(sub)
     add_attention_commands(sub)
+    add_quant_commands(sub)
     return parser
 
 

@@ -102,7 +102,7 @@ class Pipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.var.head.weight.device
+        return self.var.class_emb.weight.device  # never quantized
 
     @property
     def dtype(self) -> torch.dtype:

@@ -18,8 +18,9 @@ def onednn_bf16_linear_available() -> bool:
 def fused_linear_gelu_tanh(linear: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """``gelu_tanh(linear(x))`` in one oneDNN call (saves a full pass over the 4C-wide activation), or None
     when not applicable: only a plain bf16 ``nn.Linear`` on CPU at inference (a replaced module, e.g. a
-    quantized one, always runs through its own forward)."""
-    if (type(linear) is not nn.Linear or x.device.type != "cpu" or x.dtype != torch.bfloat16
+    quantized one, always runs through its own forward; so does a Linear with hooks, e.g. during calibration)."""
+    if (type(linear) is not nn.Linear or linear._forward_pre_hooks or linear._forward_hooks
+            or x.device.type != "cpu" or x.dtype != torch.bfloat16
             or linear.weight.dtype != torch.bfloat16 or torch.is_grad_enabled()
             or not onednn_bf16_linear_available()):
         return None

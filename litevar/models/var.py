@@ -152,7 +152,7 @@ class VAR(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.head.weight.dtype
+        return self.class_emb.weight.dtype  # the embedding is never quantized
 
     def set_attn_processor(self, processor) -> None:
         """Set one processor for every block, or ``{block_idx: processor}`` for some."""

@@ -37,7 +37,7 @@ def linear_layers(var: nn.Module, types=LAYER_TYPES) -> dict[str, nn.Module]:
     found = {}
     for name, module in var.named_modules():
         kind = layer_type(name)
-        if kind in types and hasattr(module, "weight"):
+        if kind in types and hasattr(module, "in_features"):
             found[name] = module
     return found
 

@@ -4,6 +4,7 @@ cannot be absorbed into the residual stream as in LLMs)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..transform import QuantConfig, register_method
 from .rtn import quantize_plain
@@ -14,6 +15,8 @@ class RotationConfig(QuantConfig):
     """Online Hadamard rotation of every quantized layer's input (power-of-two widths); static activations."""
 
     activations: str = "static"
+
+    online_rotation: ClassVar[bool] = True
 
 
 def quantize_rotation(pipe, config: RotationConfig, filter_fn=None) -> None:

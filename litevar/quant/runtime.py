@@ -1,0 +1,165 @@
+"""Real integer execution of quantized Linears: W8A8 on int8 GEMM kernels, weight-only int8/int4.
+
+CPU: oneDNN's int8 matmul (``torch.ops.onednn.qlinear_pointwise``, AMX-INT8 where the CPU has it) with a
+per-call scalar activation scale: static ranges per token group (STWQ, or per tensor) fit it exactly, because a
+KV-cached call covers one scale. Dynamic per-token activations run the GEMM with scale 1 and rescale rows
+after. Elsewhere (CUDA, or no oneDNN) ``torch._int_mm`` computes the same integer products.
+The fake-quant :class:`QuantLinear` with the same parameters is the oracle (tests compare them).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+
+from .modules import ActQuantizer, QuantLinear
+from .primitives import QuantSpec, quantize_weight
+from .weight_only import WeightOnlyInt4Linear, WeightOnlyInt8Linear
+
+
+@functools.cache
+def onednn_int8_available() -> bool:
+    """oneDNN int8 Linear kernels exist in this PyTorch build."""
+    ops = torch.ops.onednn
+    return torch.backends.mkldnn.is_available() and hasattr(ops, "qlinear_pointwise") and hasattr(ops, "qlinear_prepack")
+
+
+def check_int8_execution(config) -> None:
+    """Refuse settings the integer kernels cannot run, saying what to change."""
+    widths = {(config.w_bits, config.a_bits), *map(tuple, config.overrides.values())}
+    bad = sorted(str(w) for w in widths if w not in ((8, 8), (8, None), (4, None)))
+    if bad:
+        raise ValueError(f"execution 'int8' runs W8A8, W8 and W4 weight-only only; got (w_bits, a_bits) {bad}: "
+                         "simulate other widths with execution 'fake'")
+    if config.w_bits == 8 and not config.w_symmetric:
+        raise ValueError("execution 'int8' needs symmetric 8-bit weights (w_symmetric: true): the int8 kernels have "
+                         "no weight zero point")
+    if config.w_bits == 4 and (config.w_symmetric or config.w_group_size is None):
+        raise ValueError("execution 'int8' runs 4-bit weights as asymmetric groups: set w_symmetric: false and "
+                         "w_group_size (32, 64, 128 or 256)")
+    if config.a_bits is not None and config.activations == "dynamic" and not config.a_symmetric:
+        raise ValueError("execution 'int8' with dynamic activations needs a_symmetric: true (per-token zero points "
+                         "have no int8 kernel here); static ranges may be asymmetric")
+    if config.online_rotation:
+        raise ValueError("the online Hadamard rotation has no integer kernel here; use execution 'fake'")
+    if config.w_group_size is not None and config.a_bits is not None:
+        raise ValueError("execution 'int8' with activations needs per-channel weights (w_group_size: null)")
+
+
+def _quantize_static(x2d: torch.Tensor, scale: float, zero_point: int, spec: QuantSpec) -> torch.Tensor:
+    dtype = torch.int8 if spec.symmetric else torch.uint8
+    q = torch.round(x2d.float().mul_(1.0 / scale).add_(zero_point)).clamp_(spec.qmin, spec.qmax)
+    return q.to(dtype)
+
+
+def _quantize_per_token(x2d: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = x2d.abs().amax(-1, keepdim=True).float().div_(spec.qmax).clamp_min_(1e-8)
+    q = torch.round(x2d.float() / scale).clamp_(spec.qmin, spec.qmax).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """W8A8 Linear on int8 kernels: symmetric per-output-channel int8 weights, int8/uint8 activations.
+
+    Args:
+        weight_int8: [N, K] int8. weight_scale: [N] float32. bias: [N] or None.
+        act: the activation quantizer (static ranges per token group, or dynamic per token; symmetric dynamic).
+        out_dtype: dtype of the output (the model's).
+
+    Example:
+        >>> ql = QuantLinear(torch.randn(8, 16), None, QuantSpec(8), ActQuantizer(QuantSpec(8, True, "token")))
+        >>> Int8Linear.from_quant_linear(ql)(torch.randn(2, 16)).shape
+        torch.Size([2, 8])
+    """
+
+    def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 act: ActQuantizer, out_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight_int8.shape[1], weight_int8.shape[0]
+        self.register_buffer("weight_int8", weight_int8)
+        self.register_buffer("weight_scale", weight_scale.float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.act = act
+        self.out_dtype = out_dtype
+        self._packed: tuple | None = None
+
+    @classmethod
+    def from_quant_linear(cls, ql: QuantLinear) -> "Int8Linear":
+        if ql.rotate or ql.in_shift is not None or ql.in_scale is not None:
+            raise ValueError("an online input transform has no int8 kernel; fold it first")
+        spec = QuantSpec(8, True, "channel")
+        q, scale, _ = quantize_weight(ql.weight.detach().float(), spec)
+        return cls(q.to(torch.int8), scale.flatten(), ql.bias, ql.act, ql.weight.dtype)
+
+    def weight_nbytes(self) -> int:
+        return self.weight_int8.numel() + self.weight_scale.numel() * 4
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._packed = None  # packed for the old weights
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _packed_weight(self, device: torch.device):
+        if self._packed is None or self._packed[0] != device:
+            packed = torch.ops.onednn.qlinear_prepack(self.weight_int8, None)
+            self._packed = (device, packed, torch.zeros(self.out_features, dtype=torch.int64, device=device))
+        return self._packed[1], self._packed[2]
+
+    def _gemm(self, q: torch.Tensor, x_scale: float, x_zero: int, bias, out_dtype) -> torch.Tensor:
+        """``((q - x_zero) * x_scale) @ (W_int8 * w_scale)^T + bias`` with integer products."""
+        if q.device.type == "cpu" and onednn_int8_available():
+            packed, w_zero = self._packed_weight(q.device)
+            return torch.ops.onednn.qlinear_pointwise(q, x_scale, x_zero, packed, self.weight_scale, w_zero, bias,
+                                                      1.0, 0, out_dtype, "none", [], "")
+        if q.dtype == torch.int8:
+            deq = torch._int_mm(q, self.weight_int8.t()).float()
+        else:  # uint8 with a zero point has no integer kernel here: exact float emulation
+            deq = (q.float() - x_zero) @ self.weight_int8.float().t()
+        out = deq * (x_scale * self.weight_scale)
+        return (out if bias is None else out + bias).to(out_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2d = x.reshape(-1, self.in_features)
+        spec = self.act.spec
+        if self.act.static:
+            group = self.act.groups.call_group(shape[-2]) if x.dim() >= 3 else 0
+            if group is None:  # a call spanning several token groups (teacher forcing): one GEMM per group
+                return self._per_group(x)
+            scale, zero = self.act.qparams()
+            s, z = float(scale[group]), int(zero[group])
+            out = self._gemm(_quantize_static(x2d, s, z, spec), s, z, self.bias, x.dtype)
+        else:
+            q, row_scale = _quantize_per_token(x2d, spec)
+            acc = self._gemm(q, 1.0, 0, None, torch.float32)
+            out = acc.mul_(row_scale)
+            out = (out if self.bias is None else out.add_(self.bias)).to(x.dtype)
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def _per_group(self, x: torch.Tensor) -> torch.Tensor:
+        ids = self.act.groups.ids(x.shape[-2])
+        out = x.new_empty(*x.shape[:-1], self.out_features)
+        scale, zero = self.act.qparams()
+        for group in ids.unique().tolist():
+            cols = (ids == group).nonzero().flatten()
+            part = x[..., cols, :]
+            s, z = float(scale[group]), int(zero[group])
+            q = _quantize_static(part.reshape(-1, self.in_features), s, z, self.act.spec)
+            out[..., cols, :] = self._gemm(q, s, z, self.bias, x.dtype).reshape(*part.shape[:-1], self.out_features)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, W8A8, act {self.act.extra_repr()}"
+
+
+def to_runtime(ql: QuantLinear) -> nn.Module:
+    """The integer-kernel module computing what ``ql`` simulates (W8A8, or W8/W4 weight-only)."""
+    if ql.act is None:
+        linear = nn.Linear(ql.in_features, ql.out_features, bias=ql.bias is not None, dtype=ql.weight.dtype)
+        linear.weight.data.copy_(ql.weight.data)
+        if ql.bias is not None:
+            linear.bias.data.copy_(ql.bias.data)
+        if ql.w_spec is not None and ql.w_spec.bits == 4:
+            return WeightOnlyInt4Linear.from_linear(linear, ql.w_spec.group_size or 128)
+        return WeightOnlyInt8Linear.from_linear(linear)
+    return Int8Linear.from_quant_linear(ql)
