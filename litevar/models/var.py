@@ -21,6 +21,10 @@ class FFN(nn.Module):
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
+        gelu_into = getattr(self.fc1, "gelu_into", None)  # int8 runtime: fc1+GELU writes fc2's 8-bit input
+        out = gelu_into(x_BLC, self.fc2) if gelu_into is not None else None
+        if out is not None:
+            return out
         h_BLH = fused_linear_gelu_tanh(self.fc1, x_BLC)
         if h_BLH is None:
             h_BLH = F.gelu(self.fc1(x_BLC), approximate="tanh")

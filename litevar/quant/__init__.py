@@ -1,1 +1,4 @@
 """Quantization: primitives, fake-quant and runtime modules, calibration."""
+from .transform import QuantConfig, quantize_
+
+__all__ = ["QuantConfig", "quantize_"]

@@ -60,17 +60,25 @@ class _Recorder:
         B2, L, K = x.shape
         half_rows = B2 // 2  # the sampler always runs [conditional; unconditional] rows
         ids = self.groups.ids(L)
+        present = ids.unique().tolist()
         for half, part in enumerate((x[:half_rows], x[half_rows:])):
             if part.numel() == 0:
                 continue
-            for g in ids.unique().tolist():
-                rows = part[:, ids == g].reshape(-1, K)
+            for g in present:
+                rows = (part if len(present) == 1 else part[:, ids == g]).reshape(-1, K)
                 self.lo[half, g] = torch.minimum(self.lo[half, g], rows.amin(0))
                 self.hi[half, g] = torch.maximum(self.hi[half, g], rows.amax(0))
-                keys = torch.cat((self.keys[half][g], torch.rand(len(rows), generator=self.gen)))
-                pool = torch.cat((self.rows[half][g], rows))
-                keep = keys.argsort()[:self.cap]
-                self.keys[half][g], self.rows[half][g] = keys[keep], pool[keep]
+                self._offer(half, g, rows)
+
+    def _offer(self, half: int, g: int, rows: torch.Tensor) -> None:
+        """Keep the ``cap`` rows with the smallest random keys among those kept so far and ``rows``."""
+        keys = torch.rand(len(rows), generator=self.gen)
+        if len(rows) > self.cap:  # only the new rows with the cap smallest keys can be kept: copy just those
+            keys, pick = torch.topk(keys, self.cap, largest=False)
+            rows = rows[pick]
+        keys = torch.cat((self.keys[half][g], keys))
+        keep = keys.argsort()[:self.cap]
+        self.keys[half][g], self.rows[half][g] = keys[keep], torch.cat((self.rows[half][g], rows))[keep]
 
     def stats(self) -> InputStats:
         return InputStats(self.lo, self.hi, self.rows, self.keys)
@@ -93,6 +101,8 @@ def collect_input_stats(pipe, types, samples: int = 32, seed: int = 100000, batc
     for name, module in linear_layers(var, types).items():
         recorders[name] = _Recorder(module.weight.shape[1], groups, rows_per_group, gen)
         handles.append(module.register_forward_pre_hook(recorders[name]))
+    if not recorders:  # nothing to record (every layer kept in 16 bit or filtered out): skip the generations
+        return {}
     try:
         labels = [i % pipe.num_classes for i in range(samples)]
         for start in tqdm(range(0, samples, batch_size), desc="calibration", disable=not progress):

@@ -26,6 +26,13 @@ STWQ_GROUPING = {"mat_qkv": "scale", "fc1": "scale", "proj": "first", "fc2": "fi
 PERCENTILES = (0.999, 0.9999, 0.99999, 1.0)
 
 
+def _check_bits(bits, key: str) -> None:
+    try:
+        QuantSpec(bits)
+    except ValueError as err:
+        raise ValueError(f"{key}: {err}") from None
+
+
 @dataclass
 class QuantConfig:
     """Settings shared by every method.
@@ -62,9 +69,9 @@ class QuantConfig:
     online_rotation: ClassVar[bool] = False  # a Hadamard rotation of the inputs at run time (no int8 kernel)
 
     def __post_init__(self) -> None:
-        QuantSpec(self.w_bits)
+        _check_bits(self.w_bits, "w_bits")
         if self.a_bits is not None:
-            QuantSpec(self.a_bits)
+            _check_bits(self.a_bits, "a_bits")
         if self.activations not in ACTIVATIONS:
             raise ValueError(f"activations must be one of {ACTIVATIONS}, got {self.activations!r}")
         if self.execution not in EXECUTIONS:
@@ -75,9 +82,9 @@ class QuantConfig:
         for kind, bits in self.overrides.items():
             if not isinstance(bits, (list, tuple)) or len(bits) != 2:
                 raise ValueError(f"overrides[{kind!r}] must be [w_bits, a_bits], got {bits!r}")
-            QuantSpec(bits[0])
+            _check_bits(bits[0], f"overrides[{kind!r}] w_bits")
             if bits[1] is not None:
-                QuantSpec(bits[1])
+                _check_bits(bits[1], f"overrides[{kind!r}] a_bits")
         if self.calib_samples < 1 or self.rows_per_group < 1:
             raise ValueError("calib_samples and rows_per_group must be >= 1")
 

@@ -93,3 +93,24 @@ def test_save_load_round_trip(ref_dir, tmp_path, step):
 def test_load_quantized_missing_folder(tmp_path):
     with pytest.raises(litevar.models.loading.CheckpointError, match="litevar quantize"):
         load_quantized(tmp_path)
+
+
+def test_fused_fc1_gelu_fc2_matches_unfused():
+    if not onednn_int8_available():
+        pytest.skip("no oneDNN int8 kernels in this build")
+    from litevar.models.var import FFN
+
+    torch.manual_seed(3)
+    ffn = FFN(32, 128)
+    fc1 = QuantLinear(ffn.fc1.weight, ffn.fc1.bias, QuantSpec(8, True, "channel"), _static_act(False))
+    act2 = ActQuantizer(QuantSpec(8, False, "tensor"), TokenGroups((1, 2, 3), "first"))
+    act2.set_ranges(torch.tensor([-0.2, -0.17]), torch.tensor([2.0, 3.0]))
+    fc2 = QuantLinear(ffn.fc2.weight, ffn.fc2.bias, QuantSpec(8, True, "channel"), act2)
+    ffn.fc1, ffn.fc2 = Int8Linear.from_quant_linear(fc1), Int8Linear.from_quant_linear(fc2)
+    x = torch.randn(2, 9, 32)
+    fused = ffn(x)
+    assert ffn.fc1.gelu_into(x, ffn.fc2) is not None
+    unfused = ffn.fc2(torch.nn.functional.gelu(ffn.fc1(x), approximate="tanh"))
+    # the fused path skips the intermediate rounding of the hidden activation: a few grid steps at most
+    assert (fused - unfused).abs().max() <= 0.05 * unfused.abs().max()
+    assert ffn.fc1.gelu_into(torch.randn(2, 14, 32), ffn.fc2) is None  # teacher forcing spans groups
