@@ -16,7 +16,7 @@ from ..models.configs import load_config
 from ..models.loading import CheckpointError
 from ..models.var import VAR
 from ..models.vqvae import VQVAE
-from ..pipeline import Pipeline
+from ..pipeline import Pipeline, parse_dtype
 from ..recipe import Recipe, RecipeError, load_recipe
 
 FORMAT_VERSION = 1
@@ -76,7 +76,7 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu") -> tu
     config = load_config(json.loads(metadata["config"]))
     var, vae = VAR(config.var), VQVAE(config.vae)
     vae.load_state_dict(vae_state, strict=True)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[recipe.dtype]
+    dtype = parse_dtype(recipe.dtype)
     var.to(device=device, dtype=dtype).eval().requires_grad_(False)
     vae.to(device=device).eval().requires_grad_(False)
     vae.cast_(dtype)
