@@ -56,11 +56,19 @@ class AdaLNBlock(nn.Module):
     def _norm(self, x_BLC: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x_BLC, (self.width,), eps=self.norm_eps)
 
+    def _modulated(self, x_BLC: torch.Tensor, scale: torch.Tensor, unit, shift: torch.Tensor,
+                   consumer: nn.Module) -> torch.Tensor:
+        """``LN(x)(unit+scale)+shift``; an int8 ``consumer`` may instead return its 8-bit input from one fused kernel."""
+        scale_unit = scale.add(unit)
+        fused = getattr(consumer, "adaln_input", None)
+        q = fused(x_BLC, scale_unit, shift, self.norm_eps) if fused is not None else None
+        return q if q is not None else self._norm(x_BLC).mul(scale_unit).add_(shift)
+
     def forward(self, x_BLC: torch.Tensor, mod_B16C: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mod_B16C.unbind(2)
         unit1, unit2 = getattr(self, "aln_unit1", 1), getattr(self, "aln_unit2", 1)
-        x_BLC = x_BLC + self.attn(self._norm(x_BLC).mul(scale1.add(unit1)).add_(shift1), ctx).mul_(gamma1)
-        return x_BLC + self.ffn(self._norm(x_BLC).mul(scale2.add(unit2)).add_(shift2)).mul(gamma2)
+        x_BLC = x_BLC + self.attn(self._modulated(x_BLC, scale1, unit1, shift1, self.attn.mat_qkv), ctx).mul_(gamma1)
+        return x_BLC + self.ffn(self._modulated(x_BLC, scale2, unit2, shift2, self.ffn.fc1)).mul(gamma2)
 
     def fold_input_affine(self, branch: str, shift: torch.Tensor, scale: torch.Tensor) -> None:
         """Make the AdaLN output feeding ``branch`` ("attn" or "ffn") become ``(X - shift) / scale``.

@@ -13,6 +13,7 @@ import functools
 import torch
 import torch.nn as nn
 
+from .kernels import adaln_quantize, quantize_static
 from .modules import ActQuantizer, QuantLinear
 from .primitives import QuantSpec, quantize_weight
 from .weight_only import WeightOnlyInt4Linear, WeightOnlyInt8Linear
@@ -47,16 +48,6 @@ def check_int8_execution(config) -> None:
         raise ValueError("execution 'int8' with activations needs per-channel weights (w_group_size: null)")
 
 
-def _quantize_static(x2d: torch.Tensor, scale: float, zero_point: int, spec: QuantSpec) -> torch.Tensor:
-    if spec.bits == 8 and hasattr(torch, "quantize_per_tensor"):
-        # ATen's fused rounding kernel: one pass instead of five elementwise ones (the grid is the same).
-        qdtype = torch.qint8 if spec.symmetric else torch.quint8
-        return torch.quantize_per_tensor(x2d.float(), scale, zero_point, qdtype).int_repr().clamp_(spec.qmin, spec.qmax)
-    dtype = torch.int8 if spec.symmetric else torch.uint8
-    q = torch.round(x2d.float().mul_(1.0 / scale).add_(zero_point)).clamp_(spec.qmin, spec.qmax)
-    return q.to(dtype)
-
-
 def _quantize_per_token(x2d: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     scale = x2d.abs().amax(-1, keepdim=True).float().div_(spec.qmax).clamp_min_(1e-8)
     q = torch.round(x2d.float() / scale).clamp_(spec.qmin, spec.qmax).to(torch.int8)
@@ -87,6 +78,7 @@ class Int8Linear(nn.Module):
         self.act = act
         self.out_dtype = out_dtype
         self._packed: tuple | None = None
+        self._qparams: tuple | None = None
 
     @classmethod
     def from_quant_linear(cls, ql: QuantLinear) -> "Int8Linear":
@@ -100,7 +92,7 @@ class Int8Linear(nn.Module):
         return self.weight_int8.numel() + self.weight_scale.numel() * 4
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._packed = None  # packed for the old weights
+        self._packed = self._qparams = None  # derived from the old weights / ranges
         super()._load_from_state_dict(*args, **kwargs)
 
     def _packed_weight(self, device: torch.device):
@@ -122,31 +114,49 @@ class Int8Linear(nn.Module):
         out = deq * (x_scale * self.weight_scale)
         return (out if bias is None else out + bias).to(out_dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2d = x.reshape(-1, self.in_features)
-        spec = self.act.spec
-        if self.act.static:
-            group = self.act.groups.call_group(shape[-2]) if x.dim() >= 3 else 0
-            if group is None:  # a call spanning several token groups (teacher forcing): one GEMM per group
-                return self._per_group(x)
-            scale, zero = self.act.qparams()
-            s, z = float(scale[group]), int(zero[group])
-            out = self._gemm(_quantize_static(x2d, s, z, spec), s, z, self.bias, x.dtype)
-        else:
-            q, row_scale = _quantize_per_token(x2d, spec)
-            acc = self._gemm(q, 1.0, 0, None, torch.float32)
-            out = acc.mul_(row_scale)
-            out = (out if self.bias is None else out.add_(self.bias)).to(x.dtype)
-        return out.reshape(*shape[:-1], self.out_features)
-
     def _static_params(self, tokens: int | None) -> tuple[float, int] | None:
         """This call's (scale, zero point), or None when it spans several token groups."""
         group = 0 if tokens is None else self.act.groups.call_group(tokens)
         if group is None:
             return None
-        scale, zero = self.act.qparams()
-        return float(scale[group]), int(zero[group])
+        if self._qparams is None:  # fixed after calibration: computed once, not per call
+            scale, zero = self.act.qparams()
+            self._qparams = (scale.tolist(), [int(z) for z in zero.tolist()], scale, zero.float())
+        return self._qparams[0][group], self._qparams[1][group]
+
+    def adaln_input(self, x: torch.Tensor, scale_unit: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor | None:
+        """This layer's 8-bit input ``quantize(LN(x) * scale_unit + shift)`` from one fused kernel (the AdaLN
+        before ``mat_qkv``/``fc1``), or None where that does not apply; :meth:`forward` takes the result."""
+        if not (self.act.static and x.dim() == 3 and x.device.type == "cpu" and onednn_int8_available()):
+            return None
+        params = self._static_params(x.shape[-2])
+        if params is None:
+            return None
+        group = self.act.groups.call_group(x.shape[-2])
+        return adaln_quantize(x, scale_unit, shift, self._qparams[2][group], self._qparams[3][group], self.act.spec, eps)
+
+    def _quantized_input(self, x: torch.Tensor) -> tuple[torch.Tensor, float, int] | None:
+        """``(q [M, K], scale, zero)`` for a static call (an integer ``x`` is already on this layer's grid)."""
+        params = self._static_params(x.shape[-2] if x.dim() >= 3 else None)
+        if params is None:
+            return None
+        if x.dtype in (torch.int8, torch.uint8):
+            return x.reshape(-1, self.in_features), *params
+        return quantize_static(x.reshape(-1, self.in_features), *params, self.act.spec), *params
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if self.act.static:
+            quantized = self._quantized_input(x)
+            if quantized is None:  # a call spanning several token groups (teacher forcing): one GEMM per group
+                return self._per_group(x)
+            out = self._gemm(*quantized, self.bias, self.out_dtype)
+        else:
+            q, row_scale = _quantize_per_token(x.reshape(-1, self.in_features), self.act.spec)
+            acc = self._gemm(q, 1.0, 0, None, torch.float32)
+            out = acc.mul_(row_scale)
+            out = (out if self.bias is None else out.add_(self.bias)).to(x.dtype)
+        return out.reshape(*shape[:-1], self.out_features)
 
     def gelu_into(self, x: torch.Tensor, nxt: "Int8Linear") -> torch.Tensor | None:
         """``nxt(gelu_tanh(self(x)))`` with GELU and ``nxt``'s input quantization fused into this GEMM's epilogue
@@ -154,16 +164,14 @@ class Int8Linear(nn.Module):
         if not (x.device.type == "cpu" and onednn_int8_available() and x.dim() >= 3
                 and self.act.static and isinstance(nxt, Int8Linear) and nxt.act.static):
             return None
-        tokens = x.shape[-2]
-        mine, theirs = self._static_params(tokens), nxt._static_params(tokens)
+        mine, theirs = self._quantized_input(x), nxt._static_params(x.shape[-2])
         if mine is None or theirs is None:
             return None
-        q = _quantize_static(x.reshape(-1, self.in_features), *mine, self.act.spec)
-        packed, w_zero = self._packed_weight(q.device)
+        packed, w_zero = self._packed_weight(x.device)
         dtype = torch.int8 if nxt.act.spec.symmetric else torch.uint8
-        hidden = torch.ops.onednn.qlinear_pointwise(q, *mine, packed, self.weight_scale, w_zero, self.bias, theirs[0],
+        hidden = torch.ops.onednn.qlinear_pointwise(*mine, packed, self.weight_scale, w_zero, self.bias, theirs[0],
                                                     theirs[1], dtype, "gelu", [], "tanh")
-        out = nxt._gemm(hidden, *theirs, nxt.bias, x.dtype)
+        out = nxt._gemm(hidden, *theirs, nxt.bias, nxt.out_dtype)
         return out.reshape(*x.shape[:-1], nxt.out_features)
 
     def _per_group(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,7 +182,7 @@ class Int8Linear(nn.Module):
             cols = (ids == group).nonzero().flatten()
             part = x[..., cols, :]
             s, z = float(scale[group]), int(zero[group])
-            q = _quantize_static(part.reshape(-1, self.in_features), s, z, self.act.spec)
+            q = quantize_static(part.reshape(-1, self.in_features), s, z, self.act.spec)
             out[..., cols, :] = self._gemm(q, s, z, self.bias, x.dtype).reshape(*part.shape[:-1], self.out_features)
         return out
 
