@@ -11,6 +11,7 @@ from ..cli_args import UsageError, add_model_args, check_writable, positive
 from ..recipe import build_pipeline, load_recipe
 from .io import VAR_FILE, save_quantized
 from .layers import layer_type, linear_layers
+from .sensitivity import add_sensitivity_command
 from .transform import QuantConfig
 
 
@@ -63,3 +64,4 @@ def add_quant_commands(sub) -> None:
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_quantize)
+    add_sensitivity_command(sub)
