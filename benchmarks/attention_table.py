@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+from litevar.eval.tables import SUMMARY_HEADER, summary_cells
+
 
 def _plan_kept(recipe: dict) -> str:
     from litevar.attention.calibrate import load_plan
@@ -28,16 +30,7 @@ def _row(name: str, ev: dict | None, be: dict | None) -> str:
                   f"{be['ratios']['throughput_time']:.2f}x"]
     else:
         cells += ["-", "-", "-"]
-    if ev is not None:
-        f, q, rq = ev["fidelity"], ev.get("quality", {}), ev["reference"].get("quality", {})
-        psnr = f["psnr_db"] if isinstance(f["psnr_db"], str) else f"{f['psnr_db']:.1f}"
-        fd_change = 100 * (q["fd_effl0"] / rq["fd_effl0"] - 1) if q else None
-        cells += [f"{f['token_agreement']:.3f}", psnr, f"{f['fd_to_reference']:.1f}",
-                  f"{q['fd_effl0']:.1f} ({fd_change:+.1f}%)" if q else "-",
-                  f"{100 * q['class_consistency']:.1f} ({100 * (q['class_consistency'] - rq['class_consistency']):+.1f})"
-                  if "class_consistency" in q else "-"]
-    else:
-        cells += ["-"] * 5
+    cells += summary_cells(ev)
     return "| " + " | ".join(cells) + " |"
 
 
@@ -49,8 +42,7 @@ def main() -> None:
     names = sorted({p.stem.split("_", 1)[1] for p in folder.glob("eval_*.json")} |
                    {p.stem.split("_", 1)[1] for p in folder.glob("bench_*.json")})
     print("| recipe | query-key pairs kept by the plan | attention FLOPs saved (computed) | attention layers s, dense / candidate (batch 8) | end-to-end speed-up "
-          "(batch 8) | token agreement | PSNR to dense (dB) | FD-EffLite0 to dense | FD-EffLite0 vs data (change) "
-          "| class-consistency % (change) |")
+          "(batch 8) | " + " | ".join(SUMMARY_HEADER) + " |")
     print("|" + "---|" * 11)
     for name in names:
         ev_path, be_path = folder / f"eval_{name}.json", folder / f"bench_{name}.json"

@@ -76,3 +76,20 @@ def compare_markdown(reports: list[dict], names: list[str] | None = None) -> str
         lines.append("")
         lines.append("Warning: these reports differ in model, sampling, image count or seed; columns are not comparable.")
     return "\n".join(lines) + "\n"
+
+
+SUMMARY_HEADER = ["token agreement", "PSNR to dense (dB)", "FD-EffLite0 to dense", "FD-EffLite0 vs data (change)",
+                  "class-consistency % (change)"]
+
+
+def summary_cells(report: dict | None) -> list[str]:
+    """One eval report as the README's summary cells (see ``SUMMARY_HEADER``); dashes when it is missing."""
+    if report is None:
+        return ["-"] * len(SUMMARY_HEADER)
+    f, q, rq = report["fidelity"], report.get("quality", {}), report["reference"].get("quality", {})
+    psnr = f["psnr_db"] if isinstance(f["psnr_db"], str) else f"{f['psnr_db']:.1f}"
+    cells = [f"{f['token_agreement']:.3f}", psnr, f"{f['fd_to_reference']:.1f}"]
+    cells.append(f"{q['fd_effl0']:.1f} ({100 * (q['fd_effl0'] / rq['fd_effl0'] - 1):+.1f}%)" if "fd_effl0" in q else "-")
+    cells.append(f"{100 * q['class_consistency']:.1f} ({100 * (q['class_consistency'] - rq['class_consistency']):+.1f})"
+                 if "class_consistency" in q else "-")
+    return cells

@@ -26,6 +26,8 @@ def layer_type(name: str) -> str | None:
 
 
 def check_layer_types(types, what: str) -> tuple[str, ...]:
+    if isinstance(types, str) or not isinstance(types, (list, tuple, dict, set, frozenset)):
+        raise ValueError(f"{what} must be a list of layer types (e.g. [\"fc2\"]), got {types!r}")
     unknown = sorted(set(types) - set(LAYER_TYPES))
     if unknown:
         raise ValueError(f"{what}: unknown layer types {unknown}; known: {list(LAYER_TYPES)}")

@@ -78,13 +78,22 @@ class QuantConfig:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
         self.layers = check_layer_types(self.layers, "layers")
         self.keep = check_layer_types(self.keep, "keep")
+        if not isinstance(self.overrides, dict):
+            raise ValueError(f"overrides must map layer types to [w_bits, a_bits], got {self.overrides!r}")
         check_layer_types(self.overrides, "overrides")
+        ignored = sorted(k for k in self.overrides if k not in self.targets())
+        if ignored:
+            raise ValueError(f"overrides {ignored} name layer types that are not quantized (not in layers, or in keep)")
         for kind, bits in self.overrides.items():
             if not isinstance(bits, (list, tuple)) or len(bits) != 2:
                 raise ValueError(f"overrides[{kind!r}] must be [w_bits, a_bits], got {bits!r}")
             _check_bits(bits[0], f"overrides[{kind!r}] w_bits")
             if bits[1] is not None:
                 _check_bits(bits[1], f"overrides[{kind!r}] a_bits")
+        for key in ("calib_samples", "calib_seed", "rows_per_group"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{key} must be an integer, got {value!r}")
         if self.calib_samples < 1 or self.rows_per_group < 1:
             raise ValueError("calib_samples and rows_per_group must be >= 1")
 

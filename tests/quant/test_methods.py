@@ -120,6 +120,13 @@ def test_a_filter_that_takes_nothing_is_exactly_dense_and_one_that_takes_fc1_onl
     ({"calib_samples": 0}, "calib_samples"),
     ({"rows_per_group": 0}, "rows_per_group"),
     ({"w_bit": 8}, "unknown keys \\['w_bit'\\]"),
+    ({"layers": "fc1"}, "layers must be a list"),
+    ({"keep": 3}, "keep must be a list"),
+    ({"overrides": [["fc1", 4, 8]]}, "overrides must map"),
+    ({"overrides": {"word_embed": [4, 8]}}, "overrides \\['word_embed'\\] name layer types that are not quantized"),
+    ({"keep": ["fc2"], "overrides": {"fc2": [4, 8]}}, "not quantized"),
+    ({"calib_samples": "32"}, "calib_samples must be an integer"),
+    ({"rows_per_group": 12.5}, "rows_per_group must be an integer"),
 ])
 @pytest.mark.parametrize("method", ["rtn", "ptq4arvg"])
 def test_bad_quantization_recipes_name_the_key(fields, key, method):
