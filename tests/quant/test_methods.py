@@ -150,3 +150,18 @@ def test_recipe_round_trip_keeps_the_fingerprint():
     assert again.fingerprint() == via_json.fingerprint() == recipe.fingerprint()
     assert again.steps[0] == via_json.steps[0] == step and again.name == "fp32+ptq4arvg"
     assert Recipe(steps=[PTQ4ARVGConfig(w_bits=8)]).fingerprint() != recipe.fingerprint()
+
+
+def test_dgc_first_token_features_equal_what_generation_records(tiny_pipe):
+    from litevar.quant.methods.ptq4arvg import conditional_share, first_token_features
+
+    recorded = []
+    hook = tiny_pipe.var.blocks[-1].register_forward_hook(
+        lambda m, a, out: recorded.append(out[:, 0].float()) if out.shape[1] == 1 else None)
+    try:
+        tiny_pipe.generate([1, 2, 3], seed=[5, 6, 7], progress=False)
+    finally:
+        hook.remove()
+    direct = first_token_features(tiny_pipe, [1, 2, 3])
+    assert torch.allclose(direct, recorded[0], atol=1e-5)
+    assert 0.0 <= conditional_share(tiny_pipe, 8, 0.1) <= 1.0

@@ -10,7 +10,7 @@ import torch
 from ..layers import foldable, layer_type
 from ..primitives import QuantSpec, fake_quant
 from ..transform import QuantConfig, calibrate, fold_transforms, register_method, replace_linears, targets
-from .smoothquant import channel_range
+from .smoothquant import channel_range, range_groups
 
 
 @dataclass
@@ -59,7 +59,7 @@ def gps_transforms(pipe, config: QuantConfig, layers, stats, cond_share=None) ->
         w_bits, a_bits = config.bits(layer_type(name))
         lo, hi = channel_range(stats[name], name)
         shift = (lo + hi) / 2
-        rows = stats[name].sample(range(1, stats[name].lo.shape[1]), cond_share) - shift
+        rows = stats[name].sample(range_groups(stats[name], name), cond_share) - shift  # same rows as the shift
         w_spec = QuantSpec(w_bits, config.w_symmetric, "group" if config.w_group_size else "channel", config.w_group_size)
         transforms[name] = (shift, gps_scale(rows, linear.weight, w_spec, a_bits or 8))
     return transforms

@@ -40,31 +40,35 @@ def mahalanobis(x: torch.Tensor, shrinkage: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def conditional_share(pipe, samples: int, seed: int, shrinkage: float) -> float:
-    """DGC: the share of conditional rows among the most distant half of the last block's token-0 outputs
-    (conditional and unconditional rows measured within their own group)."""
-    feats = []
+def first_token_features(pipe, labels: list[int]) -> torch.Tensor:
+    """The last block's output at the first scale's token, rows [conditional; unconditional] as in CFG sampling.
 
-    def hook(module, args, out):
-        if out.shape[1] == 1:  # the first scale: token 0
-            feats.append(out[:, 0].float())
+    The first scale does not depend on the sampling seed (its input is the class embedding), so one forward pass
+    of that scale gives what a full generation would record there."""
+    from ...attention.context import AttnContext
 
-    handle = pipe.var.blocks[-1].register_forward_hook(hook)
-    try:
-        for start in range(0, samples, 16):
-            chunk = range(start, min(start + 16, samples))
-            pipe.generate([i % pipe.num_classes for i in chunk], seed=[seed + i for i in chunk], progress=False)
-    finally:
-        handle.remove()
-    cond = torch.cat([f[:len(f) // 2] for f in feats])
-    uncond = torch.cat([f[len(f) // 2:] for f in feats])
+    var = pipe.var
+    labels_B = torch.tensor(labels, device=pipe.device)
+    cond_BD, block_mods, _ = var.conditioning(torch.cat((labels_B, torch.full_like(labels_B, var.cfg.num_classes))))
+    x_BLC = var.first_tokens(cond_BD, var.level_pos())
+    ctx = AttnContext(cfg_batch=len(labels))
+    for block, mod in zip(var.blocks, block_mods):
+        x_BLC = block(x_BLC, mod, ctx)
+    return x_BLC[:, 0].float()
+
+
+def conditional_share(pipe, samples: int, shrinkage: float) -> float:
+    """DGC: the share of conditional rows among the most distant half of the last block's first-scale token
+    outputs (conditional and unconditional rows measured within their own group)."""
+    feats = first_token_features(pipe, [i % pipe.num_classes for i in range(samples)])
+    cond, uncond = feats[:samples], feats[samples:]
     dist = torch.cat((mahalanobis(cond, shrinkage), mahalanobis(uncond, shrinkage)))
     far = dist.argsort(descending=True)[:len(cond)]
     return float((far < len(cond)).float().mean())
 
 
 def quantize_ptq4arvg(pipe, config: PTQ4ARVGConfig, filter_fn=None) -> None:
-    share = conditional_share(pipe, config.calib_samples, config.calib_seed, config.shrinkage) if config.dgc else None
+    share = conditional_share(pipe, config.calib_samples, config.shrinkage) if config.dgc else None
     pipe.quant_calibration = {"cond_share": share}
     quantize_gps(pipe, config, filter_fn, cond_share=share)
 

@@ -30,10 +30,14 @@ class SmoothQuantConfig(QuantConfig):
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
 
 
+def range_groups(stats, name: str) -> range | None:
+    """The token groups the input transforms are fitted on: all, but token 0 excluded for qkv/fc1."""
+    return range(1, stats.lo.shape[1]) if layer_type(name) in _EXCLUDE_FIRST and stats.lo.shape[1] > 1 else None
+
+
 def channel_range(stats, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel input (min, max) over the calibration data (token 0 excluded for qkv/fc1)."""
-    groups = range(1, stats.lo.shape[1]) if layer_type(name) in _EXCLUDE_FIRST and stats.lo.shape[1] > 1 else None
-    return stats.channel_range(groups)
+    """Per-channel input (min, max) over the calibration data of :func:`range_groups`."""
+    return stats.channel_range(range_groups(stats, name))
 
 
 def smoothing_scale(x_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
