@@ -17,6 +17,7 @@ from .images import grid, save_png_atomic, to_uint8_hwc
 from .models.configs import ConfigError
 from .models.loading import CheckpointError
 from .pipeline import SAMPLING_DEFAULTS, check_sampling_args, load_pipeline, parse_dtype
+from .recipe import build_pipeline, load_recipe
 from .attention.commands import add_attention_commands
 from .quant.commands import add_quant_commands
 from .eval.bench import add_bench_command
@@ -34,15 +35,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     given = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth)
     check_sampling_args(*(SAMPLING_DEFAULTS[k] if given[k] is None else given[k] for k in ("cfg", "top_k", "top_p")))
-    dtype = parse_dtype(args.dtype)
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    dtype = parse_dtype(recipe.dtype if recipe else args.dtype)
     out = Path(args.out)
     check_writable(out)
-    pipe = load_pipeline(args.var_ckpt, args.vae_ckpt, config=args.config, device=args.device, dtype=dtype)
+    if recipe is not None:  # compression steps (quantization calibrates here) on the model in the recipe's dtype
+        pipe = build_pipeline(recipe, args.var_ckpt, args.vae_ckpt, args.config, device=args.device)
+    else:
+        pipe = load_pipeline(args.var_ckpt, args.vae_ckpt, config=args.config, device=args.device, dtype=dtype)
     sampling = pipe.resolve_sampling(**given)
     classes = list(range(pipe.num_classes)) if classes is None else classes
     pipe.check_labels(classes)
     run = {"var_ckpt": str(args.var_ckpt or "default"), "vae_ckpt": str(args.vae_ckpt or "default"),
-           "config": str(args.config), "dtype": args.dtype, "seed": args.seed, **sampling}
+           "config": str(args.config), "dtype": recipe.dtype if recipe else args.dtype, "seed": args.seed, **sampling}
+    if recipe is not None:
+        run["recipe"] = recipe.fingerprint()
     out.mkdir(parents=True, exist_ok=True)
     check_run(out, run, args.overwrite)
     jobs = [(c, args.seed + i) for c in classes for i in range(args.per_class)]
@@ -90,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="image i of each class uses seed + i")
     add_sampling_args(gen)
     gen.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
+    gen.add_argument("--recipe", help="a recipe JSON (e.g. quantization, attention steps); its dtype replaces --dtype")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--batch-size", type=int, default=8)
     gen.add_argument("--out", required=True, help="output folder")
