@@ -86,9 +86,10 @@ def test_bad_checkpoint_in_cli(tmp_path, ref_dir, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_generate_with_a_recipe_matches_the_recipe_pipeline(tmp_path, base_args, tiny_pipe, ref_dir):
+def test_generate_with_a_recipe_matches_the_recipe_pipeline(tmp_path, base_args, ref_dir):
     import json
 
+    from litevar import load_pipeline
     from litevar.recipe import apply_recipe, load_recipe
 
     step = {"type": "rtn", "w_bits": 6, "a_bits": 6}
@@ -98,7 +99,8 @@ def test_generate_with_a_recipe_matches_the_recipe_pipeline(tmp_path, base_args,
     args = base_args + ["--classes", "3", "--out", str(out), "--save-tokens", str(tmp_path / "tok.pt")]
     assert main(args + ["--recipe", str(recipe_path)]) == 0
     tokens = torch.load(tmp_path / "tok.pt", weights_only=True)
-    quantized = apply_recipe(tiny_pipe, load_recipe(recipe_path))
+    fresh = load_pipeline(ref_dir / "tiny_var.pth", ref_dir / "tiny_vae.pth", config=ref_dir / "tiny_config.json")
+    quantized = apply_recipe(fresh, load_recipe(recipe_path))  # not the shared fixture: recipes act in place
     direct = quantized.generate([3], seed=[0], top_k=16, progress=False)
     assert all(torch.equal(tokens[f"tokens.{si}"][0], t[0]) for si, t in enumerate(direct.tokens))
     assert main(args) == 2  # the dense model into the same folder: refused, nothing overwritten
