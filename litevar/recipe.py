@@ -55,6 +55,7 @@ def _builtin_steps() -> None:
 
     importlib.import_module("litevar.attention.steps")
     importlib.import_module("litevar.quant.methods")
+    importlib.import_module("litevar.quant.decoder")
 
 
 def _parse_step(raw: Any, position: int) -> Any:

@@ -129,6 +129,10 @@ def _conv(transposed_index: int | None = None, always_transposed: bool = False) 
     return fn
 
 
+def _qconv(args: tuple, kwargs: dict, out: Any) -> int:
+    return 2 * _first_tensor(out).numel() * math.prod(args[3].shape[1:])
+
+
 def sdpa_flops(batch_heads: int, lq: int, lk: int, d_qk: int, d_v: int, causal: bool = False) -> int:
     """QK^T plus PV over the (query, key) pairs a kernel computes; a causal kernel skips the masked triangle."""
     if causal:
@@ -165,6 +169,8 @@ def _register_builtin() -> None:
         register_flop_formula(torch.ops.mkldnn._convolution_pointwise, _conv(), "other")
     if hasattr(torch.ops.onednn, "qlinear_pointwise"):
         register_flop_formula(torch.ops.onednn.qlinear_pointwise, _contraction(0), "linear")
+    if hasattr(torch.ops.onednn, "qconv2d_pointwise"):  # the packed weight (argument 3) keeps its [O, I, kh, kw] shape
+        register_flop_formula(torch.ops.onednn.qconv2d_pointwise, _qconv, "other")
     for name in ("linear_dynamic", "linear"):
         if hasattr(torch.ops.quantized, name):
             register_flop_formula(getattr(torch.ops.quantized, name), _contraction(0), "linear")

@@ -189,7 +189,7 @@ class VQVAE(nn.Module):
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return self.decoder.conv_in.weight.dtype
+        return self.post_quant_conv.weight.dtype  # cast with the decoder, never quantized
 
     def cast_(self, dtype: torch.dtype, channels_last: bool | None = None) -> "VQVAE":
         """Cast encoder/decoder weights once to ``dtype``; the quantizer stays float32.

@@ -9,10 +9,13 @@ from pathlib import Path
 
 from ..cli_args import UsageError, add_model_args, check_writable, positive
 from ..recipe import build_pipeline, load_recipe
+from .decoder import DecoderInt8Config
 from .io import VAR_FILE, save_quantized
 from .layers import layer_type, linear_layers
 from .sensitivity import add_sensitivity_command
 from .transform import QuantConfig
+
+QUANT_STEPS = (QuantConfig, DecoderInt8Config)
 
 
 def weight_bytes(var) -> dict[str, int]:
@@ -30,12 +33,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         raise UsageError(f"{out} already holds a quantized model; pass --overwrite to replace it or choose another --out")
     check_writable(out)
     recipe = load_recipe(args.recipe)
-    if not any(isinstance(step, QuantConfig) for step in recipe.steps):
+    if not any(isinstance(step, QUANT_STEPS) for step in recipe.steps):
         raise UsageError(f"recipe {args.recipe} has no quantization step (rtn, litevar-mp, smoothquant, osplus, rotation, "
-                         "gps, stwq, ptq4arvg)")
+                         "gps, stwq, ptq4arvg, decoder-int8)")
     if args.calib_samples is not None:
         positive("--calib-samples", args.calib_samples)
-        steps = [dataclasses.replace(s, calib_samples=args.calib_samples) if isinstance(s, QuantConfig) else s
+        steps = [dataclasses.replace(s, calib_samples=args.calib_samples) if isinstance(s, QUANT_STEPS) else s
                  for s in recipe.steps]
         recipe = dataclasses.replace(recipe, steps=tuple(steps))
     dense = build_pipeline(recipe.dtype, args.var_ckpt, args.vae_ckpt, args.config, args.shape, args.device)

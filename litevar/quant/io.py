@@ -1,8 +1,9 @@
 """Quantized models on disk: one folder with the transformer's quantized state, the VQ-VAE and the recipe.
 
 ``var.safetensors`` holds every tensor of the quantized transformer (int8 weights and scales, calibrated
-activation ranges, AdaLN folds) and, as metadata, the recipe and the model config; loading rebuilds the module
-structure from the recipe without calibrating and loads the state strictly. Nothing is unpickled.
+activation ranges, AdaLN folds) and, as metadata, the recipe and the model config; ``vae.safetensors`` holds the
+VQ-VAE (with its int8 decoder convolutions when the recipe has a ``decoder-int8`` step). Loading rebuilds the module
+structure from the recipe without calibrating and loads both states strictly. Nothing is unpickled.
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu") -> tu
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
+    from .decoder import DecoderInt8Config, quantize_decoder_
     from .transform import QuantConfig, quantize_
 
     folder = Path(folder)
@@ -75,7 +77,6 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu") -> tu
     recipe = load_recipe(json.loads(metadata["recipe"]))
     config = load_config(json.loads(metadata["config"]))
     var, vae = VAR(config.var), VQVAE(config.vae)
-    vae.load_state_dict(vae_state, strict=True)
     dtype = parse_dtype(recipe.dtype)
     var.to(device=device, dtype=dtype).eval().requires_grad_(False)
     vae.to(device=device).eval().requires_grad_(False)
@@ -86,13 +87,17 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu") -> tu
         if name.startswith("aln_unit"):
             var.get_submodule(owner).register_buffer(name, torch.empty_like(value, device=device))
     for step in recipe.steps:
-        if not isinstance(step, QuantConfig):
+        if isinstance(step, QuantConfig):
+            quantize_(pipe, step, skeleton=True)
+        elif isinstance(step, DecoderInt8Config):
+            quantize_decoder_(pipe, step, skeleton=True)
+        else:
             raise RecipeError(f"{folder}: only quantization steps can be restored from a saved model, got {step!r}")
-        quantize_(pipe, step, skeleton=True)
     state = dict(tensors)
     state.update(json.loads(metadata.get("module_extra", "{}")))
     try:
         var.load_state_dict(state, strict=True)
+        vae.load_state_dict(vae_state, strict=True)  # after the skeleton: int8 decoder convolutions load too
     except RuntimeError as err:
         raise CheckpointError(f"{folder}: the saved state does not match its recipe: {err}") from None
     return pipe, recipe

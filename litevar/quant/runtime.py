@@ -91,6 +91,10 @@ class Int8Linear(nn.Module):
     def weight_nbytes(self) -> int:
         return self.weight_int8.numel() + self.weight_scale.numel() * 4
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the packed weight behind (an opaque oneDNN tensor: it has no storage)."""
+        return {**self.__dict__, "_packed": None}
+
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         self._packed = self._qparams = None  # derived from the old weights / ranges
         super()._load_from_state_dict(*args, **kwargs)

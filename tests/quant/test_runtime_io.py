@@ -114,3 +114,13 @@ def test_fused_fc1_gelu_fc2_matches_unfused():
     # the fused path skips the intermediate rounding of the hidden activation: a few grid steps at most
     assert (fused - unfused).abs().max() <= 0.05 * unfused.abs().max()
     assert ffn.fc1.gelu_into(torch.randn(2, 14, 32), ffn.fc2) is None  # teacher forcing spans groups
+
+
+def test_int8_linear_deepcopy_after_use():
+    import copy
+
+    ql = QuantLinear(torch.randn(8, 16), None, QuantSpec(8, True, "channel"), _static_act(False))
+    il = Int8Linear.from_quant_linear(ql)
+    x = torch.randn(2, 4, 16)
+    y = il(x)  # packs the weight (an opaque oneDNN tensor where available)
+    assert torch.equal(copy.deepcopy(il)(x), y)
