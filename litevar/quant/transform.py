@@ -50,6 +50,8 @@ class QuantConfig:
         calib_samples, calib_seed: calibration generations (classes in turn; seeds kept apart from evaluation).
         rows_per_group: input rows sampled per (layer, scale, CFG half) during calibration.
         execution: "fake" (simulate any bit width) or "int8" (run W8A8 / weight-only on integer kernels).
+        attn_bits: quantize the attention's QK^T and PV inputs to this many bits (LiteVAR's scheme, simulated;
+            see :mod:`litevar.quant.attention`), or None to keep attention in the model's precision.
     """
 
     w_bits: int = 8
@@ -65,6 +67,7 @@ class QuantConfig:
     calib_seed: int = 100000
     rows_per_group: int = 256
     execution: str = "fake"
+    attn_bits: int | None = None
 
     online_rotation: ClassVar[bool] = False  # a Hadamard rotation of the inputs at run time (no int8 kernel)
 
@@ -72,6 +75,8 @@ class QuantConfig:
         _check_bits(self.w_bits, "w_bits")
         if self.a_bits is not None:
             _check_bits(self.a_bits, "a_bits")
+        if self.attn_bits is not None:
+            _check_bits(self.attn_bits, "attn_bits")
         if self.activations not in ACTIVATIONS:
             raise ValueError(f"activations must be one of {ACTIVATIONS}, got {self.activations!r}")
         if self.execution not in EXECUTIONS:
@@ -147,6 +152,10 @@ def quantize_(pipe, config: QuantConfig, filter_fn: Callable[[str, torch.nn.Modu
         replace_linears(pipe, config, targets(pipe, config, filter_fn), rotate=config.online_rotation)
     else:
         handler(pipe, config, filter_fn)
+    if config.attn_bits is not None:  # after calibration: the Linears were calibrated on float attention
+        from .attention import QuantAttnProcessor
+
+        pipe.var.set_attn_processor(QuantAttnProcessor(config.attn_bits))
 
 
 def targets(pipe, config: QuantConfig, filter_fn=None) -> dict[str, torch.nn.Module]:
