@@ -16,7 +16,8 @@ from litevar.eval.tables import SUMMARY_HEADER, summary_cells
 def _bits(step: dict) -> str:
     w, a = step.get("w_bits", 8), step.get("a_bits", 8)
     group = f" g{step['w_group_size']}" if step.get("w_group_size") else ""
-    return f"W{w}A{a if a is not None else 16}{group}"
+    attn = f", attention {step['attn_bits']} bit" if step.get("attn_bits") else ""
+    return f"W{w}A{a if a is not None else 16}{group}{attn}"
 
 
 def main() -> None:
