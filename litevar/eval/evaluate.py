@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import platform
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..files import write_atomic
+from ..files import json_safe, write_atomic
 from ..recipe import Recipe, build_pipeline, load_recipe
 from .bench import machine_info
 from .fidelity import FidelityAccumulator, image_fidelity
@@ -180,14 +179,14 @@ def evaluate(recipe: Recipe | str | dict | None = None, *, var_ckpt: str | Path 
                             "images_per_s": len(labels) / ref_seconds},
               "machine": {**machine_info(device), "threads": torch.get_num_threads()}}
     if test is not None:
-        classifier = _classifier_for(data, reference.num_classes)
+        classifier = classifier_for(data, reference.num_classes)
         report["quality"] = _quality(cand_images, labels, test, features, classifier)
         report["reference"]["quality"] = _quality(ref_images, labels, test, features, classifier)
     report["inception"] = _inception(inception_weights, test, ref_images, cand_images)
     return report
 
 
-def _classifier_for(data: str, num_classes: int):
+def classifier_for(data: str, num_classes: int):
     """The shipped Fashion-MNIST classifier for a 10-class model evaluated on Fashion-MNIST, else None."""
     from .classifier import NUM_CLASSES, load_classifier
 
@@ -205,24 +204,13 @@ def _inception(weights, test, ref_images: np.ndarray, cand_images: np.ndarray) -
             "reference": inception_scores(weights, ref_images, test.images)}
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no infinity: write it as the string "inf" (PSNR of identical image sets)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "inf" if value > 0 else "-inf" if value < 0 else "nan"
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
 def write_report(report: dict, path: str | Path) -> tuple[Path, Path]:
     """Write ``report`` as JSON and its Markdown table next to it (same name, .md); returns both paths."""
     from .tables import eval_markdown
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(_finite(report), indent=1, allow_nan=False)))
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(json_safe(report), indent=1, allow_nan=False)))
     md = path.with_suffix(".md")
     write_atomic(md, lambda tmp: tmp.write_text(eval_markdown(report)))
     return path, md

@@ -120,26 +120,32 @@ class Int8Linear(nn.Module):
         out = deq * (x_scale * self.weight_scale)
         return (out if bias is None else out + bias).to(out_dtype)
 
+    def _cached_qparams(self) -> tuple[list[float], list[int], torch.Tensor, torch.Tensor]:
+        """Per-group (scales, zero points) as Python numbers and as tensors; fixed after calibration, so computed
+        once rather than per call."""
+        if self._qparams is None:
+            scale, zero = self.act.qparams()
+            self._qparams = (scale.tolist(), [int(z) for z in zero.tolist()], scale, zero.float())
+        return self._qparams
+
     def _static_params(self, tokens: int | None) -> tuple[float, int] | None:
         """This call's (scale, zero point), or None when it spans several token groups."""
         group = 0 if tokens is None else self.act.groups.call_group(tokens)
         if group is None:
             return None
-        if self._qparams is None:  # fixed after calibration: computed once, not per call
-            scale, zero = self.act.qparams()
-            self._qparams = (scale.tolist(), [int(z) for z in zero.tolist()], scale, zero.float())
-        return self._qparams[0][group], self._qparams[1][group]
+        scales, zeros, _, _ = self._cached_qparams()
+        return scales[group], zeros[group]
 
     def adaln_input(self, x: torch.Tensor, scale_unit: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor | None:
         """This layer's 8-bit input ``quantize(LN(x) * scale_unit + shift)`` from one fused kernel (the AdaLN
         before ``mat_qkv``/``fc1``), or None where that does not apply; :meth:`forward` takes the result."""
         if not (self.act.static and x.dim() == 3 and x.device.type == "cpu" and onednn_int8_available()):
             return None
-        params = self._static_params(x.shape[-2])
-        if params is None:
-            return None
         group = self.act.groups.call_group(x.shape[-2])
-        return adaln_quantize(x, scale_unit, shift, self._qparams[2][group], self._qparams[3][group], self.act.spec, eps)
+        if group is None:
+            return None
+        _, _, scales, zeros = self._cached_qparams()
+        return adaln_quantize(x, scale_unit, shift, scales[group], zeros[group], self.act.spec, eps)
 
     def _quantized_input(self, x: torch.Tensor) -> tuple[torch.Tensor, float, int] | None:
         """``(q [M, K], scale, zero)`` for a static call (an integer ``x`` is already on this layer's grid)."""
@@ -183,11 +189,11 @@ class Int8Linear(nn.Module):
     def _per_group(self, x: torch.Tensor) -> torch.Tensor:
         ids = self.act.groups.ids(x.shape[-2])
         out = x.new_empty(*x.shape[:-1], self.out_features)
-        scale, zero = self.act.qparams()
+        scales, zeros, _, _ = self._cached_qparams()
         for group in ids.unique().tolist():
             cols = (ids == group).nonzero().flatten()
             part = x[..., cols, :]
-            s, z = float(scale[group]), int(zero[group])
+            s, z = scales[group], zeros[group]
             q = quantize_static(part.reshape(-1, self.in_features), s, z, self.act.spec)
             out[..., cols, :] = self._gemm(q, s, z, self.bias, x.dtype).reshape(*part.shape[:-1], self.out_features)
         return out

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cli_args import UsageError, add_model_args, add_sampling_args, check_run, check_writable, positive
-from ..files import write_atomic
+from ..files import json_safe, write_atomic
 from ..recipe import STEPS, Recipe, apply_recipe, build_pipeline, load_recipe
 from .layers import LAYER_TYPES, linear_layers
 from .sensitivity_report import bits_label, plot_sensitivity, sensitivity_markdown
@@ -174,27 +174,16 @@ def _measure(reference: dict, images: np.ndarray, tokens: list[np.ndarray], labe
 
 def _classifier(data: str, default_model: bool, num_classes: int):
     """(classifier or None, the resolved data name or None, why there is no classifier or None)."""
-    from ..eval.evaluate import _classifier_for
+    from ..eval.evaluate import classifier_for
 
     name = ("fashion-mnist" if default_model else None) if data == "auto" else None if data == "none" else data
     if name is None:
         why = "--data none" if data == "none" else "no classifier for this model's data (auto: only the shipped model)"
         return None, None, f"class-consistency not measured: {why}; pass --data fashion-mnist for a Fashion-MNIST model"
-    classifier = _classifier_for(name, num_classes)
+    classifier = classifier_for(name, num_classes)
     if classifier is None:
         return None, name, f"class-consistency not measured: the {name} classifier has 10 classes, the model {num_classes}"
     return classifier, name, None
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no infinity: PSNR of identical image sets is written as the string "inf"."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "inf" if value > 0 else "-inf" if value < 0 else "nan"
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _number(value: Any) -> Any:
@@ -203,14 +192,14 @@ def _number(value: Any) -> Any:
 
 def _as_json(payload: dict) -> dict:
     """The payload as JSON reads it back (lists for tuples), PSNR kept a float: fresh and resumed rows compare equal."""
-    plain = json.loads(json.dumps(_finite(payload), allow_nan=False))
+    plain = json.loads(json.dumps(json_safe(payload), allow_nan=False))
     if "psnr_db" in plain:
         plain["psnr_db"] = _number(plain["psnr_db"])
     return plain
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(_finite(payload), indent=1, allow_nan=False)))
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(json_safe(payload), indent=1, allow_nan=False)))
 
 
 def _read_row(path: Path, digest: str) -> dict | None:
