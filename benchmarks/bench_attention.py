@@ -92,7 +92,8 @@ def run(args) -> dict:
         keys, values = k_all[:, :, :end], v_all[:, :, :end]
         dense_s = _median_time(lambda: F.scaled_dot_product_attention(q, keys, values, scale=1.0), args.repeats) * depth
         masked_s = gathered_s = 0.0
-        kept = total = 0
+        kept = total = computed = 0
+        tiles = set()
         for layers in signature.values():
             layer = layers[0]
             bias = plan.attn_bias(layer, k, dtype, "cpu")
@@ -102,8 +103,11 @@ def run(args) -> dict:
             gathered_s += len(layers) * _median_time(lambda: gathered_attention(q, keys, values, 1.0, layout),
                                                      args.repeats)
             kept += len(layers) * int(plan.keep_mask(layer, k).sum())
+            computed += len(layers) * layout.kept_pairs * rows
+            tiles.add(layout.tile)
             total += len(layers) * plan.keep_mask(layer, k).numel()
         per_scale.append({"scale": k, "side": n, "queries": l, "keys": end, "kept_fraction": kept / total,
+                          "computed_fraction": computed / (total * rows), "tiles": sorted(tiles),
                           "dense_s": dense_s, "masked_s": masked_s, "gathered_s": gathered_s})
         begin = end
     dense = sum(s["dense_s"] for s in per_scale)
@@ -113,6 +117,8 @@ def run(args) -> dict:
             "head_dim": d, "batch": args.batch, "rows": rows, "dtype": args.dtype, "threads": torch.get_num_threads(),
             "plan": args.plan or f"uniform {plan.geometry} width {int(plan.windows.max())}",
             "kept_fraction": plan.kept_fraction(), "attention_flop_reduction": 1 - plan.kept_fraction(),
+            "computed_fraction": sum(s["computed_fraction"] * s["queries"] * s["keys"] for s in per_scale)
+            / sum(s["queries"] * s["keys"] for s in per_scale),
             "tile": args.tile, "repeats": args.repeats,
             "seconds": {"dense": dense, "masked": masked, "gathered": gathered},
             "ratios": {"dense_over_gathered": dense / gathered, "dense_over_masked": dense / masked},
@@ -128,7 +134,7 @@ def main() -> None:
     parser.add_argument("--geometry", default="2d", choices=("raster", "2d"))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--dtype", default="bf16")
-    parser.add_argument("--tile", type=int, default=64)
+    parser.add_argument("--tile", type=int, help="queries per tile of the gathered kernel (default: chosen per scale)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out", required=True)

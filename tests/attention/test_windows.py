@@ -74,7 +74,7 @@ def test_masking_is_exact(geometry):
 
 
 @pytest.mark.parametrize("geometry", ["raster", "2d"])
-@pytest.mark.parametrize("tile", [1, 5, 64])
+@pytest.mark.parametrize("tile", [1, 5, 64, None])
 def test_gathered_kernel_equals_masked_dense(geometry, tile):
     plan = WindowPlan((1, 2, 3, 5, 8), torch.randint(0, 5, (1, 3, 5, 5), dtype=torch.int32), geometry,
                       full_query_scales=2, kept_key_scales=1)
@@ -103,13 +103,36 @@ def test_plan_round_trip_and_wrong_model(tiny_pipe):
         WindowPlan.from_state({"windows": []})
 
 
-def test_gather_runs_and_index_paths():
-    from litevar.attention.sparse import MAX_RUNS, _gather, _runs_or_index
+def test_gathered_kernel_chunks_groups_and_cache_views(monkeypatch):
+    """Per-head windows (several head groups, heads out of order), keys read from a KV-cache slice (a view),
+    and chunks cut over heads and rows all give the masked dense result."""
+    from litevar.attention import sparse
 
-    x = torch.arange(2 * 3 * 40 * 2, dtype=torch.float32).view(2, 3, 40, 2)
-    few = torch.tensor([0, 1, 2, 10, 11, 30])
-    assert _runs_or_index(few, "cpu") == [(0, 3), (10, 12), (30, 31)]
-    many = torch.arange(0, 2 * (MAX_RUNS + 1), 2)
-    assert isinstance(_runs_or_index(many, "cpu"), torch.Tensor)
-    for index in (few, many):
-        assert torch.equal(_gather(x, _runs_or_index(index, "cpu")), x[:, :, index])
+    windows = torch.randint(1, 9, (1, 4, 5, 5), dtype=torch.int32)
+    windows[0, 1] = 1  # narrow head
+    windows[0, 2, 4, 4] = FULL  # one head keeps its whole scale
+    plan = WindowPlan((1, 2, 3, 5, 8), windows, "raster", full_query_scales=2, kept_key_scales=1)
+    g = torch.Generator().manual_seed(2)
+    L = 1 + 4 + 9 + 25 + 64
+    cache = torch.randn(2, 3, 4, L + 7, 16, generator=g)  # k/v storage with room left, as the KV cache
+    k, v = cache[0, :, :, :L], cache[1, :, :, :L]
+    q = torch.randn(3, 4, 64, 16, generator=g)
+    masked = WindowedAttnProcessor(plan, "masked").attend(0, 4, q, k, v, 0.3)
+    layout = GatheredLayout.from_mask(plan.keep_mask(0, 4), "cpu", tile=16)
+    assert len(layout.groups) > 1
+    for chunk_bytes in (sparse.CHUNK_BYTES, 64):
+        monkeypatch.setattr(sparse, "CHUNK_BYTES", chunk_bytes)
+        torch.testing.assert_close(gathered_attention(q, k, v, 0.3, layout), masked, atol=1e-5, rtol=1e-5)
+
+
+def test_gathered_kernel_counts_what_it_computes():
+    from litevar.eval.flops import FlopCounter
+
+    plan = WindowPlan((1, 2, 4, 8), torch.full((1, 2, 4, 4), 3, dtype=torch.int32), "raster",
+                      full_query_scales=2, kept_key_scales=1)
+    layout = GatheredLayout.from_mask(plan.keep_mask(0, 3), "cpu")
+    q, k, v = torch.randn(2, 2, 64, 8), torch.randn(2, 2, 85, 8), torch.randn(2, 2, 85, 8)
+    with FlopCounter() as counter:
+        gathered_attention(q, k, v, 1.0, layout)
+    assert counter.totals["attention"] == 2 * 2 * 2 * 8 * layout.kept_pairs  # batch x (QK + PV) x 2 x d
+    assert layout.kept_pairs < 2 * 64 * 85
