@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from litevar.attention.calibrate import load_plan
+from litevar.attention.calibrate import load_plan, save_plan
 from litevar.attention.sparse import GatheredLayout, gathered_attention
 from litevar.attention.windows import WindowPlan
 from litevar.eval.bench import machine_info
@@ -74,6 +74,9 @@ def run(args) -> dict:
         plan = tiled_plan(source, depth, heads)
     else:
         plan = closest_uniform_plan(patch_nums, depth, heads, args.geometry, args.kept_fraction)
+        plan.meta = {"uniform": True, "target_kept_fraction": args.kept_fraction}
+        if args.save_plan:  # e.g. for an `mdwa` recipe step on the random-weight shape (the plan names no model)
+            save_plan(plan, args.save_plan)
     dtype = parse_dtype(args.dtype)
     rows = 2 * args.batch
     g = torch.Generator().manual_seed(0)
@@ -137,6 +140,7 @@ def main() -> None:
     parser.add_argument("--tile", type=int, help="queries per tile of the gathered kernel (default: chosen per scale)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--save-plan", help="also write the uniform plan used here (a plan file)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if args.threads:
