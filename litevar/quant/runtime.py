@@ -165,7 +165,12 @@ class Int8Linear(nn.Module):
             out = self._gemm(*quantized, self.bias, self.out_dtype)
         else:
             q, row_scale = _quantize_per_token(x.reshape(-1, self.in_features), self.act.spec)
-            acc = self._gemm(q, 1.0, 0, None, torch.float32)
+            zero = 0
+            if q.device.type == "cpu" and onednn_int8_available():
+                # oneDNN runs signed activations on a reference path (~5 s vs 2 ms for 64 x 1024 x 4096); the
+                # same values shifted by 128 into uint8 with zero point 128 take its AMX path.
+                q, zero = q.view(torch.uint8).bitwise_xor_(128), 128
+            acc = self._gemm(q, 1.0, zero, None, torch.float32)
             out = acc.mul_(row_scale)
             out = (out if self.bias is None else out.add_(self.bias)).to(x.dtype)
         return out.reshape(*shape[:-1], self.out_features)
