@@ -82,6 +82,11 @@ def _parse_step(raw: Any, position: int) -> Any:
         raise RecipeError(f"recipe step {position} ({kind}): {err}") from None
 
 
+def _json_dict(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A step's fields with tuples as lists, so ``to_dict`` equals what its JSON reads back."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in items}
+
+
 def _step_type(step: Any) -> str:
     return next(name for name, s in STEPS.items() if isinstance(step, s.config_cls))
 
@@ -123,7 +128,7 @@ class Recipe:
         return not self.steps
 
     def to_dict(self) -> dict[str, Any]:
-        steps = [{"type": _step_type(s), **dataclasses.asdict(s)} for s in self.steps]
+        steps = [{"type": _step_type(s), **dataclasses.asdict(s, dict_factory=_json_dict)} for s in self.steps]
         return {"litevar_recipe": RECIPE_VERSION, "name": self.name, "dtype": self.dtype, "steps": steps}
 
     @classmethod

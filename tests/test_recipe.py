@@ -64,3 +64,13 @@ def test_steps_apply_in_order(ref_dir, scale_step):
     with pytest.raises(RecipeError, match="load it in that dtype"):
         apply_recipe(dense, load_recipe("bf16"))
     assert json.loads(json.dumps(load_recipe("fp16").to_dict()))["dtype"] == "fp16"
+
+
+def test_to_dict_equals_its_json():
+    import litevar.quant  # noqa: F401  (registers the quantization steps)
+
+    recipe = Recipe.from_dict({"steps": [{"type": "litevar-mp", "w_bits": 4, "a_bits": 8}]})
+    as_dict = recipe.to_dict()
+    assert as_dict["steps"][0]["keep"] == ["fc2"]
+    assert json.loads(json.dumps(as_dict)) == as_dict
+    assert Recipe.from_dict(as_dict) == recipe
