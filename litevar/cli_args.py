@@ -87,6 +87,6 @@ def check_run(folder: Path, run: dict, overwrite: bool, pattern: str = "class*_s
             raise UsageError(f"{folder} holds outputs of a different run (differs in {', '.join(changed)}); "
                              "use another --out, or --overwrite to replace them")
     elif not path.exists() and not overwrite and any(folder.glob(pattern)):
-        raise UsageError(f"{folder} already holds images not made by litevar; use another --out or --overwrite")
+        raise UsageError(f"{folder} already holds files ({pattern}) not made by litevar; use another --out or --overwrite")
     if write:
         write_atomic(path, lambda tmp: tmp.write_text(json.dumps(run, indent=1)))
