@@ -73,6 +73,14 @@ def _compiled() -> dict[bool, object] | None:
         return None
 
 
+def _dispatch_mode_active() -> bool:
+    """A TorchDispatchMode (e.g. the FLOP counter) is active: compiled code refuses to run under it, and that
+    refusal must not switch the fused kernel off for the rest of the process."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is not None
+
+
 def fused_adaln_available() -> bool:
     return _compiled() is not None and not _failed
 
@@ -86,7 +94,9 @@ def adaln_quantize(x: torch.Tensor, scale_unit: torch.Tensor, shift: torch.Tenso
         x: [B, L, C] activations. scale_unit, shift: [B, 1, C] modulation (``unit + scale``, ``shift``).
         scale, zero: 0-d tensors, the static grid of this call. spec: 8-bit activation spec.
     """
-    kernels = _compiled() if x.device.type == "cpu" and spec.bits == 8 and not torch.is_grad_enabled() else None
+    if x.device.type != "cpu" or spec.bits != 8 or torch.is_grad_enabled() or _dispatch_mode_active():
+        return None
+    kernels = _compiled()
     if kernels is None or _failed:
         return None
     try:
