@@ -68,6 +68,12 @@ class GatheredLayout:
     groups: list[HeadGroup]
     kept_pairs: int
     mask: torch.Tensor | None = None
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    def mask_as(self, dtype: torch.dtype) -> torch.Tensor | None:
+        if self.mask is not None and dtype not in self._masks:
+            self._masks[dtype] = self.mask.to(dtype)
+        return self._masks.get(dtype)
 
     @classmethod
     def from_mask(cls, keep_HlL: torch.Tensor, device: torch.device | str,
@@ -143,8 +149,8 @@ def gathered_attention(q_BHlc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch
                        layout: GatheredLayout) -> torch.Tensor:
     """Attention of ``q`` over the kept keys only; [B, H, l, c] like dense SDPA."""
     if not layout.groups:
-        mask = None if layout.mask is None else layout.mask.to(q_BHlc.dtype)
-        return F.scaled_dot_product_attention(q_BHlc, k_BHLc, v_BHLc, attn_mask=mask, scale=scale)
+        return F.scaled_dot_product_attention(q_BHlc, k_BHLc, v_BHLc, attn_mask=layout.mask_as(q_BHlc.dtype),
+                                              scale=scale)
     B, H, l, c = q_BHlc.shape
     T, tiles = layout.tile, layout.tiles
     q_tiles = q_BHlc.new_empty(B, H, tiles * T, c)
