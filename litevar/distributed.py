@@ -139,7 +139,11 @@ def process_group(device: str | torch.device = "cpu", environ: Mapping[str, Any]
         dist.init_process_group("nccl", rank=rank, world_size=size)
     else:
         dist.init_process_group("gloo", rank=rank, world_size=size)
+    world = World(rank=rank, size=size, local_rank=local, device=rank_device, grouped=True)
     try:
-        yield World(rank=rank, size=size, local_rank=local, device=rank_device, grouped=True)
+        yield world
+        # No rank tears its connections down while another still uses them: without this, a rank sometimes
+        # aborted at exit ("terminate called without an active exception") after finishing its work.
+        world.barrier()
     finally:
         dist.destroy_process_group()
