@@ -168,7 +168,7 @@ class Int8Linear(nn.Module):
             zero = 0
             if q.device.type == "cpu" and onednn_int8_available():
                 # oneDNN runs signed activations on a reference path (~5 s vs 2 ms for 64 x 1024 x 4096); the
-                # same values shifted by 128 into uint8 with zero point 128 take its AMX path.
+                # same values shifted by 128 into uint8 with zero point 128 take its fast (AMX / VNNI) path.
                 q, zero = q.view(torch.uint8).bitwise_xor_(128), 128
             acc = self._gemm(q, 1.0, zero, None, torch.float32)
             out = acc.mul_(row_scale)
