@@ -56,6 +56,14 @@ def _quantize_per_token(x2d: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tenso
     return q, scale
 
 
+def _unsigned(q: torch.Tensor, zero: int) -> tuple[torch.Tensor, int]:
+    """oneDNN runs signed activations on a reference path (~5 s vs 2 ms for 64 x 1024 x 4096): the same values
+    shifted by 128 into uint8, with the zero point shifted too, take its fast (AMX / VNNI) path."""
+    if q.dtype == torch.int8:
+        return q.view(torch.uint8) ^ 128, zero + 128
+    return q, zero
+
+
 class Int8Linear(nn.Module):
     """W8A8 Linear on int8 kernels: symmetric per-output-channel int8 weights, int8/uint8 activations.
 
@@ -110,10 +118,7 @@ class Int8Linear(nn.Module):
     def _gemm(self, q: torch.Tensor, x_scale: float, x_zero: int, bias, out_dtype) -> torch.Tensor:
         """``((q - x_zero) * x_scale) @ (W_int8 * w_scale)^T + bias`` with integer products."""
         if q.device.type == "cpu" and onednn_int8_available():
-            if q.dtype == torch.int8:
-                # oneDNN runs signed activations on a reference path (~5 s vs 2 ms for 64 x 1024 x 4096); the
-                # same values shifted by 128 into uint8 with zero point + 128 take its fast (AMX / VNNI) path.
-                q, x_zero = q.view(torch.uint8) ^ 128, x_zero + 128
+            q, x_zero = _unsigned(q, x_zero)
             packed, w_zero = self._packed_weight(q.device)
             return torch.ops.onednn.qlinear_pointwise(q, x_scale, x_zero, packed, self.weight_scale, w_zero, bias,
                                                       1.0, 0, out_dtype, "none", [], "")
@@ -183,11 +188,14 @@ class Int8Linear(nn.Module):
         mine, theirs = self._quantized_input(x), nxt._static_params(x.shape[-2])
         if mine is None or theirs is None:
             return None
+        q, scale, zero = mine
+        q, zero = _unsigned(q, zero)
+        # nxt's input as uint8 even on a symmetric grid (zero point + 128), so nxt's GEMM needs no shift pass
+        out_scale, out_zero = theirs[0], theirs[1] + (128 if nxt.act.spec.symmetric else 0)
         packed, w_zero = self._packed_weight(x.device)
-        dtype = torch.int8 if nxt.act.spec.symmetric else torch.uint8
-        hidden = torch.ops.onednn.qlinear_pointwise(*mine, packed, self.weight_scale, w_zero, self.bias, theirs[0],
-                                                    theirs[1], dtype, "gelu", [], "tanh")
-        out = nxt._gemm(hidden, *theirs, nxt.bias, nxt.out_dtype)
+        hidden = torch.ops.onednn.qlinear_pointwise(q, scale, zero, packed, self.weight_scale, w_zero, self.bias,
+                                                    out_scale, out_zero, torch.uint8, "gelu", [], "tanh")
+        out = nxt._gemm(hidden, out_scale, out_zero, nxt.bias, nxt.out_dtype)
         return out.reshape(*x.shape[:-1], nxt.out_features)
 
     def _per_group(self, x: torch.Tensor) -> torch.Tensor:
