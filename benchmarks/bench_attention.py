@@ -1,4 +1,5 @@
-"""Attention time of KV-cached sampling: dense SDPA vs MDWA (masked dense kernel, and the gathered sparse kernel).
+"""Attention time of KV-cached sampling: dense SDPA vs MDWA (masked dense kernel, the PyTorch gathered kernel,
+and the compiled interval kernel that sampling uses where it is built).
 
 For a model shape (e.g. var-d16 at the 256 px pyramid, or its 512 px pyramid), every query scale k runs
 queries [2B, H, n_k^2, d] over the cached keys [2B, H, L_k, d], as sampling does. The window plan is either a
@@ -20,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from litevar.attention.calibrate import load_plan, save_plan
-from litevar.attention.sparse import GatheredLayout, gathered_attention
+from litevar.attention.native import interval_kernel_supports
+from litevar.attention.sparse import GatheredLayout, gathered_attention, sparse_attention, sparse_layout
 from litevar.attention.windows import WindowPlan
 from litevar.eval.bench import machine_info
 from litevar.models.configs import load_config
@@ -78,6 +80,7 @@ def run(args) -> dict:
         if args.save_plan:  # e.g. for an `mdwa` recipe step on the random-weight shape (the plan names no model)
             save_plan(plan, args.save_plan)
     dtype = parse_dtype(args.dtype)
+    native = interval_kernel_supports(torch.empty(1, 1, 1, d, dtype=dtype))
     rows = 2 * args.batch
     g = torch.Generator().manual_seed(0)
     L_total = sum(p * p for p in patch_nums)
@@ -94,8 +97,8 @@ def run(args) -> dict:
         q = torch.randn(rows, heads, l, d, generator=g).to(dtype)
         keys, values = k_all[:, :, :end], v_all[:, :, :end]
         dense_s = _median_time(lambda: F.scaled_dot_product_attention(q, keys, values, scale=1.0), args.repeats) * depth
-        masked_s = gathered_s = 0.0
-        kept = total = computed = 0
+        masked_s = gathered_s = native_s = 0.0
+        kept = total = computed = native_computed = 0
         tiles = set()
         for layers in signature.values():
             layer = layers[0]
@@ -105,26 +108,38 @@ def run(args) -> dict:
                 lambda: F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=1.0), args.repeats)
             gathered_s += len(layers) * _median_time(lambda: gathered_attention(q, keys, values, 1.0, layout),
                                                      args.repeats)
+            if native:
+                chosen = sparse_layout(plan.keep_mask(layer, k), q)
+                native_s += len(layers) * _median_time(lambda: sparse_attention(q, keys, values, 1.0, chosen),
+                                                       args.repeats)
+                native_computed += len(layers) * chosen.kept_pairs * rows
             kept += len(layers) * int(plan.keep_mask(layer, k).sum())
             computed += len(layers) * layout.kept_pairs * rows
             tiles.add(layout.tile)
             total += len(layers) * plan.keep_mask(layer, k).numel()
         per_scale.append({"scale": k, "side": n, "queries": l, "keys": end, "kept_fraction": kept / total,
                           "computed_fraction": computed / (total * rows), "tiles": sorted(tiles),
-                          "dense_s": dense_s, "masked_s": masked_s, "gathered_s": gathered_s})
+                          "native_computed_fraction": native_computed / (total * rows) if native else None,
+                          "dense_s": dense_s, "masked_s": masked_s, "gathered_s": gathered_s,
+                          "native_s": native_s if native else None})
         begin = end
     dense = sum(s["dense_s"] for s in per_scale)
     masked = sum(s["masked_s"] for s in per_scale)
     gathered = sum(s["gathered_s"] for s in per_scale)
+    seconds = {"dense": dense, "masked": masked, "gathered": gathered}
+    ratios = {"dense_over_gathered": dense / gathered, "dense_over_masked": dense / masked}
+    weight = [s["queries"] * s["keys"] for s in per_scale]
+    if native:
+        seconds["native"] = sum(s["native_s"] for s in per_scale)
+        ratios["dense_over_native"] = dense / seconds["native"]
     return {"shape": args.shape, "patch_nums": list(patch_nums), "tokens": L_total, "depth": depth, "heads": heads,
             "head_dim": d, "batch": args.batch, "rows": rows, "dtype": args.dtype, "threads": torch.get_num_threads(),
             "plan": args.plan or f"uniform {plan.geometry} width {int(plan.windows.max())}",
             "kept_fraction": plan.kept_fraction(), "attention_flop_reduction": 1 - plan.kept_fraction(),
-            "computed_fraction": sum(s["computed_fraction"] * s["queries"] * s["keys"] for s in per_scale)
-            / sum(s["queries"] * s["keys"] for s in per_scale),
-            "tile": args.tile, "repeats": args.repeats,
-            "seconds": {"dense": dense, "masked": masked, "gathered": gathered},
-            "ratios": {"dense_over_gathered": dense / gathered, "dense_over_masked": dense / masked},
+            "computed_fraction": sum(s["computed_fraction"] * w for s, w in zip(per_scale, weight)) / sum(weight),
+            "native_computed_fraction": sum(s["native_computed_fraction"] * w for s, w in zip(per_scale, weight))
+            / sum(weight) if native else None,
+            "tile": args.tile, "repeats": args.repeats, "seconds": seconds, "ratios": ratios,
             "per_scale": per_scale, "machine": machine_info()}
 
 
@@ -150,9 +165,10 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     s, r = report["seconds"], report["ratios"]
+    native = f", native {s['native']:.3f}s ({r['dense_over_native']:.2f}x)" if "native" in s else ""
     print(f"{report['shape']} {report['tokens']} tokens, kept {report['kept_fraction']:.3f}: attention dense "
-          f"{s['dense']:.3f}s, masked {s['masked']:.3f}s, gathered {s['gathered']:.3f}s -> dense/gathered "
-          f"{r['dense_over_gathered']:.2f}x; wrote {out}")
+          f"{s['dense']:.3f}s, masked {s['masked']:.3f}s, gathered {s['gathered']:.3f}s "
+          f"({r['dense_over_gathered']:.2f}x){native}; wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Gathered sparse attention: each tile of queries attends only to the keys some query of the tile keeps.
+"""Sparse attention that computes only kept query-key pairs: the compiled interval kernel where it is built
+(:mod:`litevar.attention.interval`), else the PyTorch gathered kernel below; dense SDPA when little is skipped.
+
+Gathered kernel: each tile of queries attends only to the keys some query of the tile keeps.
 
 A :class:`GatheredLayout` is built once per (layer, query scale) from the plan's keep mask. Queries are cut into
 tiles of T consecutive raster positions; for each (head, tile) the union of its kept keys is listed, padded with
@@ -20,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from ..eval.flops import count_as
+from .interval import IntervalLayout, interval_attention
+from .native import interval_kernel_supports
 
 TILES = (16, 32, 64)
 CHUNK_BYTES = 1 << 18  # scores of one chunk per thread, in the compute dtype: about a core's L2 share
@@ -184,3 +189,21 @@ def gathered_attention(q_BHlc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch
                     else:
                         out[b0:b1, heads] = torch.matmul(probs, v_g)
     return out.view(B, H, tiles * T, c)[:, :, :l]
+
+
+def sparse_layout(keep_HlL: torch.Tensor, q_like: torch.Tensor) -> GatheredLayout | IntervalLayout:
+    """The layout of one (layer, query scale) for queries like ``q_like``: the compiled interval kernel when it
+    runs for them and skips enough pairs, else the gathered kernel (which itself falls back to dense SDPA)."""
+    if interval_kernel_supports(q_like) and not bool(keep_HlL.all()):
+        layout = IntervalLayout.from_mask(keep_HlL)
+        if layout.kept_pairs <= DENSE_ABOVE * keep_HlL.numel():
+            return layout
+    return GatheredLayout.from_mask(keep_HlL, q_like.device)
+
+
+def sparse_attention(q_BHlc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor, scale: float,
+                     layout: GatheredLayout | IntervalLayout) -> torch.Tensor:
+    """Attention over the kept pairs of ``layout`` (from :func:`sparse_layout`); [B, H, l, c] like dense SDPA."""
+    if isinstance(layout, IntervalLayout):
+        return interval_attention(q_BHlc, k_BHLc, v_BHLc, scale, layout)
+    return gathered_attention(q_BHlc, k_BHLc, v_BHLc, scale, layout)

@@ -48,12 +48,12 @@ class WindowedAttnProcessor:
         """Windowed attention of queries of scale ``k`` (None: teacher-forced, all scales) over the given keys."""
         if k is None or self.backend == "masked":
             return sdpa(q, key, value, scale, self.bias(layer, k, q.dtype, q.device))
-        from .sparse import GatheredLayout, gathered_attention
+        from .sparse import sparse_attention, sparse_layout
 
-        layout_key = (layer, k, q.device)
+        layout_key = (layer, k, q.device, q.dtype, q.shape[-1])
         if layout_key not in self._sparse:
-            self._sparse[layout_key] = GatheredLayout.from_mask(self.plan.keep_mask(layer, k), q.device)
-        return gathered_attention(q, key, value, scale, self._sparse[layout_key])
+            self._sparse[layout_key] = sparse_layout(self.plan.keep_mask(layer, k), q)
+        return sparse_attention(q, key, value, scale, self._sparse[layout_key])
 
     def __call__(self, attn, x_BLC: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         q, k, v = attn.project_qkv(x_BLC)
