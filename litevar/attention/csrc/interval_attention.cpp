@@ -12,10 +12,18 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 #include <cstring>
 #include <limits>
 #include <thread>
 #include <vector>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#define LITEVAR_BF16_DOT 1  // bf16 q.k in pairs of channels with fp32 accumulation (vdpbf16ps)
+#else
+#define LITEVAR_BF16_DOT 0
+#endif
 
 namespace {
 
@@ -129,8 +137,15 @@ class HeadWorker {
   void load_kv(const T* k, int64_t k_row, const T* v, int64_t v_row) {
     vec block[LANES];
     for (int64_t j0 = 0; j0 < L_; j0 += LANES) {
-      for (int64_t c0 = 0; c0 < D; c0 += LANES) {
-        for (int64_t j = 0; j < LANES; ++j) block[j] = load16(k + std::min(j0 + j, L_ - 1) * k_row + c0);
+      for (int64_t c0 = 0; c0 < KT_ROWS; c0 += LANES) {
+        for (int64_t j = 0; j < LANES; ++j) {
+          const T* row = k + std::min(j0 + j, L_ - 1) * k_row;
+          if constexpr (PAIRS) {
+            std::memcpy(&block[j], row + 2 * c0, sizeof(vec));  // 16 channel pairs, bits as they are
+          } else {
+            block[j] = load16(row + c0);
+          }
+        }
         transpose16(block);  // keys past L repeat the last one: finite, and never weighted
         for (int64_t c = 0; c < LANES; ++c) store(kt_.data() + (c0 + c) * Lp_ + j0, block[c]);
       }
@@ -145,18 +160,18 @@ class HeadWorker {
   void attend(const T* const* q, float scale, const int32_t* unions, int64_t u0, int64_t u1,
               const int32_t* ranges, const int64_t* r_first, const int64_t* r_last, T* const* out, int rows) {
     float qf[TQ][D];
-    for (int t = 0; t < TQ; ++t)
-      for (int64_t c = 0; c < D; c += LANES) store(qf[t] + c, load16(q[t] + c) * scale);
+    if constexpr (PAIRS) {
+      for (int t = 0; t < TQ; ++t) std::memcpy(qf[t], q[t], D * sizeof(T));  // D/2 channel pairs
+    } else {
+      for (int t = 0; t < TQ; ++t)
+        for (int64_t c = 0; c < D; c += LANES) store(qf[t] + c, load16(q[t] + c) * scale);
+    }
     int64_t n = 0;
     for (int64_t w = u0; w < u1; ++w) {
       const int64_t s = unions[2 * w], e = unions[2 * w + 1];
       for (int64_t j0 = s; j0 < e; j0 += LANES) {
-        const float* col = kt_.data() + j0;
-        vec a[TQ] = {};
-        for (int64_t c = 0; c < D; ++c) {
-          const vec kc = load(col + c * Lp_);
-          for (int t = 0; t < TQ; ++t) a[t] += splat(qf[t][c]) * kc;
-        }
+        vec a[TQ];
+        scores_chunk(qf, kt_.data() + j0, scale, a);
         for (int t = 0; t < TQ; ++t) store(scores_.data() + t * stride_ + n, a[t]);  // tail lanes overwritten next
         n += std::min(LANES, e - j0);
       }
@@ -169,9 +184,11 @@ class HeadWorker {
       const int64_t s = unions[2 * w], e = unions[2 * w + 1];
       for (int64_t j = s; j < e; ++j, ++p) {
         const float* row = vf_.data() + j * D;
+        vec w[TQ];
+        for (int t = 0; t < TQ; ++t) w[t] = splat(scores_[t * stride_ + p]);
         for (int u = 0; u < ND; ++u) {
           const vec vu = load(row + u * LANES);
-          for (int t = 0; t < TQ; ++t) acc[t][u] += splat(scores_[t * stride_ + p]) * vu;
+          for (int t = 0; t < TQ; ++t) acc[t][u] += w[t] * vu;
         }
       }
     }
@@ -181,6 +198,35 @@ class HeadWorker {
   }
 
  private:
+  static constexpr bool PAIRS = LITEVAR_BF16_DOT && std::is_same_v<T, c10::BFloat16> && D >= 2 * LANES;
+  static constexpr int64_t KT_ROWS = PAIRS ? D / 2 : D;  // rows of the transposed keys: channels or pairs
+
+  // Scores of TQ queries against 16 consecutive keys starting at column `col` of the transposed keys.
+  void scores_chunk(const float (*qf)[D], const float* col, float scale, vec* a) const {
+#if LITEVAR_BF16_DOT
+    if constexpr (PAIRS) {
+      __m512 acc[TQ];
+      for (int t = 0; t < TQ; ++t) acc[t] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < KT_ROWS; ++c) {
+        const __m512bh kc = (__m512bh)_mm512_loadu_si512(col + c * Lp_);
+        for (int t = 0; t < TQ; ++t) {
+          int32_t pair;
+          std::memcpy(&pair, &qf[t][c], sizeof(pair));
+          acc[t] = _mm512_dpbf16_ps(acc[t], kc, (__m512bh)_mm512_set1_epi32(pair));
+        }
+      }
+      for (int t = 0; t < TQ; ++t) a[t] = (vec)acc[t] * scale;
+      return;
+    }
+#endif
+    for (int t = 0; t < TQ; ++t) a[t] = vec{};
+    for (int64_t c = 0; c < D; ++c) {
+      const vec kc = load(col + c * Lp_);
+      for (int t = 0; t < TQ; ++t) a[t] += splat(qf[t][c]) * kc;
+    }
+    (void)scale;
+  }
+
   // Row of n scores -> unnormalised weights: exp(score - max) on the kept ranges, 0 elsewhere; returns 1 / sum.
   // Whole vectors with a 0/1 lane mask: the ranges are short (a band per key scale), scalar tails cost more.
   float softmax_row(float* row, int64_t n, const int32_t* ranges, int64_t first, int64_t last) {
