@@ -1,10 +1,12 @@
-// Windowed attention that computes only the kept query-key pairs.
+// Windowed attention that computes only the kept query-key pairs (torch.ops.litevar.interval_attention).
 //
-// Each query keeps a few contiguous key intervals (one band per key scale in raster geometry, one run per window
-// row in 2-D geometry). Per (batch row, head) the keys are converted once to fp32 and transposed, so that 16
-// consecutive keys of an interval are one vector; scores, an exact softmax over the kept keys only and the
-// weighted sum of values are accumulated in fp32. Nothing outside the intervals is read or computed, so no -inf
-// mask is needed. Vectors are GCC/Clang vector extensions: the build's -march picks the instruction set.
+// Each query keeps a few runs of consecutive keys (one band per key scale in raster geometry, one run per window
+// row in 2-D geometry). Per (batch row, head) the keys are transposed once (fp32, or bf16 channel pairs where
+// the CPU has AVX512-BF16), so that 16 consecutive keys of a run are one vector, and the values converted to
+// fp32. Tiles of TQ queries compute scores over the union of their runs, an exact softmax over each query's own
+// runs, and the weighted values, all accumulated in fp32: keys outside the union are never read, keys inside it
+// that a query does not keep get weight exactly 0. Vectors are GCC/Clang vector extensions: the build's -march
+// picks the instruction set.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -12,10 +14,10 @@
 
 #include <algorithm>
 #include <atomic>
-#include <type_traits>
 #include <cstring>
 #include <limits>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512BF16__)
@@ -120,9 +122,8 @@ struct Strides {
 Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
 // One (batch row, head) at a time; ND = head_dim / 16 vectors per row. Queries go in tiles of TQ consecutive
-// positions: a tile computes scores over the union of its queries' intervals, so every key vector loaded feeds TQ
-// queries (one query at a time streamed K and V from L2 for every pair: a third of the FMA rate). Lanes a query
-// does not keep get weight 0.
+// positions, so every key vector loaded feeds TQ queries (one query at a time streamed K and V from L2 for every
+// pair and ran at a third of the FMA rate).
 template <typename T, int ND>
 class HeadWorker {
  public:
@@ -132,8 +133,8 @@ class HeadWorker {
       : L_(L), Lp_(L + LANES), kt_(D * (L + LANES), 0.0f), vf_(L * D),
         scores_(TQ * (max_lanes + LANES), 0.0f), mask_(max_lanes + LANES, 0.0f), stride_(max_lanes + LANES) {}
 
-  // Keys transposed to [D][Lp] (the padding columns hold finite values, so a vector past an interval end is harmless),
-  // values to [L][D], both fp32.
+  // Keys transposed to [KT_ROWS][Lp] (padding columns hold finite copies, so a vector past a run's end is
+  // harmless), values to fp32 [L][D].
   void load_kv(const T* k, int64_t k_row, const T* v, int64_t v_row) {
     vec block[LANES];
     for (int64_t j0 = 0; j0 < L_; j0 += LANES) {
@@ -184,11 +185,11 @@ class HeadWorker {
       const int64_t s = unions[2 * w], e = unions[2 * w + 1];
       for (int64_t j = s; j < e; ++j, ++p) {
         const float* row = vf_.data() + j * D;
-        vec w[TQ];
-        for (int t = 0; t < TQ; ++t) w[t] = splat(scores_[t * stride_ + p]);
+        vec weight[TQ];
+        for (int t = 0; t < TQ; ++t) weight[t] = splat(scores_[t * stride_ + p]);
         for (int u = 0; u < ND; ++u) {
           const vec vu = load(row + u * LANES);
-          for (int t = 0; t < TQ; ++t) acc[t][u] += w[t] * vu;
+          for (int t = 0; t < TQ; ++t) acc[t][u] += weight[t] * vu;
         }
       }
     }
