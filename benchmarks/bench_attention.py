@@ -102,21 +102,22 @@ def run(args) -> dict:
         tiles = set()
         for layers in signature.values():
             layer = layers[0]
+            keep = plan.keep_mask(layer, k)
             bias = plan.attn_bias(layer, k, dtype, "cpu")
-            layout = GatheredLayout.from_mask(plan.keep_mask(layer, k), "cpu", tile=args.tile)
+            layout = GatheredLayout.from_mask(keep, "cpu", tile=args.tile)
             masked_s += len(layers) * _median_time(
                 lambda: F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=1.0), args.repeats)
             gathered_s += len(layers) * _median_time(lambda: gathered_attention(q, keys, values, 1.0, layout),
                                                      args.repeats)
             if native:
-                chosen = sparse_layout(plan.keep_mask(layer, k), q)
+                chosen = sparse_layout(keep, q)
                 native_s += len(layers) * _median_time(lambda: sparse_attention(q, keys, values, 1.0, chosen),
                                                        args.repeats)
                 native_computed += len(layers) * chosen.kept_pairs * rows
-            kept += len(layers) * int(plan.keep_mask(layer, k).sum())
+            kept += len(layers) * int(keep.sum())
             computed += len(layers) * layout.kept_pairs * rows
             tiles.add(layout.tile)
-            total += len(layers) * plan.keep_mask(layer, k).numel()
+            total += len(layers) * keep.numel()
         per_scale.append({"scale": k, "side": n, "queries": l, "keys": end, "kept_fraction": kept / total,
                           "computed_fraction": computed / (total * rows), "tiles": sorted(tiles),
                           "native_computed_fraction": native_computed / (total * rows) if native else None,

@@ -67,8 +67,6 @@ def test_steps_apply_in_order(ref_dir, scale_step):
 
 
 def test_to_dict_equals_its_json():
-    import litevar.quant  # noqa: F401  (registers the quantization steps)
-
     recipe = Recipe.from_dict({"steps": [{"type": "litevar-mp", "w_bits": 4, "a_bits": 8}]})
     as_dict = recipe.to_dict()
     assert as_dict["steps"][0]["keep"] == ["fc2"]

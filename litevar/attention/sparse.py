@@ -81,20 +81,26 @@ class GatheredLayout:
         return self._masks.get(dtype)
 
     @classmethod
+    def dense(cls, keep_HlL: torch.Tensor, device: torch.device | str) -> "GatheredLayout":
+        """Dense SDPA over every pair: unmasked when everything is kept, else with the plan's -inf mask."""
+        H, l, L = keep_HlL.shape
+        if bool(keep_HlL.all()):
+            return cls(l, 1, [], H * l * L)
+        mask = torch.zeros(keep_HlL.shape).masked_fill_(~keep_HlL, -math.inf).unsqueeze(0)
+        return cls(l, 1, [], H * l * L, mask.to(device))
+
+    @classmethod
     def from_mask(cls, keep_HlL: torch.Tensor, device: torch.device | str,
                   tile: int | None = None) -> "GatheredLayout":
         """Build from a keep mask [heads, queries, keys] (True = kept); ``tile`` None picks the cheapest of
         :data:`TILES` by ``pairs * (1 + TILE_COST / T)``."""
         H, l, L = keep_HlL.shape
         if bool(keep_HlL.all()):
-            return cls(l, 1, [], H * l * L)
+            return cls.dense(keep_HlL, device)
         if tile is None:
             best = min((cls.from_mask(keep_HlL, device, t) for t in TILES),
                        key=lambda layout: layout.kept_pairs * (1 + TILE_COST / layout.tile))
-            if best.kept_pairs <= DENSE_ABOVE * H * l * L:
-                return best
-            mask = torch.zeros(keep_HlL.shape).masked_fill_(~keep_HlL, -math.inf).unsqueeze(0)
-            return cls(l, 1, [], H * l * L, mask.to(device))
+            return best if best.kept_pairs <= DENSE_ABOVE * H * l * L else cls.dense(keep_HlL, device)
         tiles = math.ceil(l / tile)
         keep = torch.zeros(H, tiles * tile, L, dtype=torch.bool)
         keep[:, :l] = keep_HlL
@@ -193,12 +199,14 @@ def gathered_attention(q_BHlc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch
 
 def sparse_layout(keep_HlL: torch.Tensor, q_like: torch.Tensor) -> GatheredLayout | IntervalLayout:
     """The layout of one (layer, query scale) for queries like ``q_like``: the compiled interval kernel when it
-    runs for them and skips enough pairs, else the gathered kernel (which itself falls back to dense SDPA)."""
-    if interval_kernel_supports(q_like) and not bool(keep_HlL.all()):
-        layout = IntervalLayout.from_mask(keep_HlL)
-        if layout.kept_pairs <= DENSE_ABOVE * keep_HlL.numel():
-            return layout
-    return GatheredLayout.from_mask(keep_HlL, q_like.device)
+    runs for them (dense SDPA when it would compute too much: the gathered kernel's tiles would compute more),
+    else the gathered kernel (which itself falls back to dense SDPA)."""
+    if bool(keep_HlL.all()) or not interval_kernel_supports(q_like):
+        return GatheredLayout.from_mask(keep_HlL, q_like.device)
+    layout = IntervalLayout.from_mask(keep_HlL)
+    if layout.kept_pairs <= DENSE_ABOVE * keep_HlL.numel():
+        return layout
+    return GatheredLayout.dense(keep_HlL, q_like.device)
 
 
 def sparse_attention(q_BHlc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor, scale: float,
