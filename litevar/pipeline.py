@@ -12,7 +12,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .attention.context import AttnContext
-from .attention.kv_cache import KVCache
+from .attention.components import AttentionComponents
+from .attention.processor import ComposedAttnProcessor
 from .models.configs import PipelineConfig, load_config
 from .models.loading import CheckpointError, infer_config, load_strict, read_state_dict, resolve_hub
 from .models.default import default_model
@@ -87,8 +88,9 @@ class Pipeline:
 
     Build it with :func:`load_pipeline`. ``pipe.var(labels, x_BLCv)`` gives teacher-forced logits,
     ``pipe.vae.img_to_idx`` / ``pipe.vae.idx_to_img`` tokenize and decode (images in [-1, 1] there).
-    ``pipe.cache_factory`` builds each block's KV cache when sampling, called like :class:`KVCache` (set it to
-    e.g. :class:`~litevar.attention.kv_cache.Int8KVCache`).
+    ``pipe.attention`` holds the attention components that compression steps set (window plan, CFG sharing,
+    attention precision, KV storage; see :mod:`litevar.attention.components`): set them with
+    :meth:`set_attention`, which installs the processor that runs them in every block.
     """
 
     def __init__(self, var: VAR, vae: VQVAE, config: PipelineConfig, sampling: dict | None = None,
@@ -98,7 +100,25 @@ class Pipeline:
         self.config = config
         self.sampling = {**SAMPLING_DEFAULTS, **(sampling or {})}
         self.class_names = list(class_names) if class_names else [str(c) for c in range(config.var.num_classes)]
-        self.cache_factory: Callable[..., KVCache] = KVCache
+        self.attention = AttentionComponents()
+        self._identity: dict | None = None
+
+    def set_attention(self, component: str, value: Any, by: str) -> None:
+        """Set one attention component on behalf of recipe step ``by`` (refused if another step set it) and run
+        every block's attention through :class:`~litevar.attention.processor.ComposedAttnProcessor`."""
+        self.attention.set(component, value, by)
+        processor = self.var.blocks[0].attn.processor
+        if not (isinstance(processor, ComposedAttnProcessor) and processor.components is self.attention):
+            self.var.set_attn_processor(ComposedAttnProcessor(self.attention))
+
+    def identity(self) -> dict[str, Any]:
+        """The model's shape and weights digest as loaded (taken before the first step that changes weights, so
+        files calibrated on this model, such as window plans, match it whatever the recipe does later)."""
+        if self._identity is None:
+            from .attention.calibrate import model_identity
+
+            self._identity = model_identity(self.var)
+        return self._identity
 
     @property
     def device(self) -> torch.device:
@@ -228,7 +248,7 @@ class Pipeline:
         cond_BD, block_mods, head_mod = var.conditioning(torch.cat((labels_B, torch.full_like(labels_B, vcfg.num_classes))))
         level_pos = var.level_pos()
         x_BLC = var.first_tokens(cond_BD, level_pos)
-        caches = [self.cache_factory(2 * B, vcfg.heads, vcfg.seq_len, vcfg.head_dim, self.dtype, self.device)
+        caches = [self.attention.kv.make(2 * B, vcfg.heads, vcfg.seq_len, vcfg.head_dim, self.dtype, self.device)
                   for _ in var.blocks]
         ctx = AttnContext(kv_caches=caches, cfg_batch=B)
         side = vcfg.patch_nums[-1]
@@ -259,6 +279,7 @@ class Pipeline:
         images = self.vae.fhat_to_img(f_hat).add_(1).mul_(0.5)
         clock.lap("decoder")
         clock.totals["kv_cache_bytes"] = sum(c.nbytes() for c in caches)
+        clock.totals["kv_reserved_bytes"] = sum(c.reserved_bytes() for c in caches)
         return GenerationOutput(images, tokens, labels_B, clock.totals if timings else {})
 
 

@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 
+from .files import error_cause, reading
 from .pipeline import Pipeline, load_pipeline, parse_dtype, random_pipeline
 
 RECIPE_VERSION = 1
+MAX_SHOWN = 80
 _KEYS = {"litevar_recipe", "name", "dtype", "steps"}
 
 
@@ -26,17 +28,26 @@ class RecipeError(ValueError):
     """A recipe that cannot be read or applied."""
 
 
+# Steps run phase by phase, whatever their order in the recipe (in recipe order within a phase): attention
+# configuration first (it sets components, touches no weights), then weight transforms (calibrated on the
+# model the attention steps configured), then the VQ-VAE decoder.
+PHASES = ("attention", "weights", "decoder")
+
+
 @dataclass(frozen=True)
 class _Step:
     config_cls: type
     handler: Callable[[Pipeline, Any], None]
+    phase: str
 
 
 STEPS: dict[str, _Step] = {}
 
 
-def register_step(type_name: str, config_cls: type, handler: Callable[[Pipeline, Any], None]) -> None:
-    """Make ``{"type": type_name, **fields}`` usable in recipes: ``handler(pipe, config_cls(**fields))``.
+def register_step(type_name: str, config_cls: type, handler: Callable[[Pipeline, Any], None],
+                  phase: str = "weights") -> None:
+    """Make ``{"type": type_name, **fields}`` usable in recipes: ``handler(pipe, config_cls(**fields))``, run in
+    ``phase`` (one of :data:`PHASES`).
 
     Example:
         >>> @dataclasses.dataclass
@@ -46,7 +57,9 @@ def register_step(type_name: str, config_cls: type, handler: Callable[[Pipeline,
     """
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError(f"recipe step {type_name!r}: the config must be a dataclass, got {config_cls!r}")
-    STEPS[type_name] = _Step(config_cls, handler)
+    if phase not in PHASES:
+        raise ValueError(f"recipe step {type_name!r}: phase must be one of {PHASES}, got {phase!r}")
+    STEPS[type_name] = _Step(config_cls, handler, phase)
 
 
 def _builtin_steps() -> None:
@@ -66,9 +79,9 @@ def _parse_step(raw: Any, position: int) -> Any:
             raise RecipeError(f"recipe step {position}: {type(raw).__name__} is not a registered step config")
         return raw
     if not isinstance(raw, dict) or "type" not in raw:
-        raise RecipeError(f"recipe step {position} must be an object with a \"type\" key, got {raw!r}")
+        raise RecipeError(f"recipe step {position} must be an object with a \"type\" key, got {_short(raw)}")
     kind = raw["type"]
-    if kind not in STEPS:
+    if not isinstance(kind, str) or kind not in STEPS:
         known = ", ".join(sorted(STEPS)) or "none in this version"
         raise RecipeError(f"recipe step {position}: unknown type {kind!r} (known: {known})")
     config_cls = STEPS[kind].config_cls
@@ -78,8 +91,14 @@ def _parse_step(raw: Any, position: int) -> Any:
         raise RecipeError(f"recipe step {position} ({kind}): unknown keys {unknown}; allowed: {sorted(fields)}")
     try:
         return config_cls(**{k: v for k, v in raw.items() if k != "type"})
-    except (TypeError, ValueError) as err:
-        raise RecipeError(f"recipe step {position} ({kind}): {err}") from None
+    except Exception as err:  # noqa: BLE001 - the parse boundary of recipe data: any field a config cannot take
+        raise RecipeError(f"recipe step {position} ({kind}): {error_cause(err)}") from None
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut to one short line for error messages."""
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN - 3] + "..."
 
 
 def _json_dict(items: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -139,8 +158,12 @@ class Recipe:
         if unknown:
             raise RecipeError(f"unknown recipe keys {unknown}; allowed: {sorted(_KEYS)}")
         version = raw.get("litevar_recipe", RECIPE_VERSION)
-        if version != RECIPE_VERSION:
-            raise RecipeError(f"recipe version {version!r} is not supported (this litevar reads version {RECIPE_VERSION})")
+        if isinstance(version, bool) or version != RECIPE_VERSION:
+            raise RecipeError(f"recipe version {_short(version)} is not supported (this litevar reads version "
+                              f"{RECIPE_VERSION})")
+        if not isinstance(raw.get("name", ""), str) or not isinstance(raw.get("dtype", "fp32"), str):
+            raise RecipeError(f"recipe name and dtype must be strings, got {_short(raw.get('name'))} and "
+                              f"{_short(raw.get('dtype'))}")
         return cls(dtype=raw.get("dtype", "fp32"), steps=raw.get("steps", ()), name=raw.get("name", ""))
 
     def fingerprint(self) -> str:
@@ -171,19 +194,32 @@ def load_recipe(source: str | Path | dict | Recipe | None = None) -> Recipe:
     path = Path(text)
     if not path.is_file():
         raise RecipeError(f"recipe {text!r} is neither a precision (fp32, bf16, fp16) nor an existing JSON file")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise RecipeError(f"recipe file {path} is not valid JSON: {err}") from None
-    return Recipe.from_dict(raw)
+    with reading(path, RecipeError, "recipe file", "fix it, or write it again with Recipe.save"):
+        try:
+            raw = json.loads(path.read_text())
+        except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
+            raise RecipeError(f"recipe file {path} is not valid JSON ({error_cause(err)}); fix it, or write it "
+                              "again with Recipe.save") from None
+        return Recipe.from_dict(raw)
+
+
+def execution_order(recipe: Recipe) -> list[Any]:
+    """The recipe's steps in the order they run: by :data:`PHASES`, in recipe order within a phase."""
+    return sorted(recipe.steps, key=lambda step: PHASES.index(STEPS[_step_type(step)].phase))
 
 
 def apply_recipe(pipe: Pipeline, recipe: Recipe) -> Pipeline:
-    """Run the recipe's steps on a pipeline already loaded in the recipe's dtype (in place)."""
+    """Run the recipe's steps on a pipeline already loaded in the recipe's dtype (in place), in
+    :func:`execution_order`. Steps that claim the same attention component are refused, naming both."""
+    from .attention.components import ComponentConflict
+
     if pipe.dtype != parse_dtype(recipe.dtype):
         raise RecipeError(f"the pipeline is {pipe.dtype} but the recipe asks for {recipe.dtype}; load it in that dtype")
-    for step in recipe.steps:
-        STEPS[_step_type(step)].handler(pipe, step)
+    for step in execution_order(recipe):
+        try:
+            STEPS[_step_type(step)].handler(pipe, step)
+        except ComponentConflict as err:
+            raise RecipeError(f"recipe {recipe.name!r}: {err}") from None
     return pipe
 
 

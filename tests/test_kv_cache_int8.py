@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import litevar
+from litevar.attention.components import KVCacheSpec
 from litevar.attention.kv_cache import Int8KVCache, KVCache
 
 
@@ -63,21 +64,22 @@ def tiny(ref_dir, request):
                                  config=ref_dir / "tiny_config.json", dtype=request.param)
 
 
-def sample(pipe, factory):
+def sample(pipe, storage):
     logits = []
-    pipe.cache_factory = factory
+    previous = pipe.attention.kv
+    pipe.attention.kv = KVCacheSpec(storage)
     try:
         out = pipe.generate(list(range(8)), seed=0, progress=False, timings=True,
                             on_logits=lambda si, l_BlV: logits.append(l_BlV.clone()))
     finally:
-        pipe.cache_factory = KVCache
+        pipe.attention.kv = previous
     return out, logits
 
 
 def test_sampling_with_the_int8_cache_stays_close_to_the_float_cache(tiny):
-    assert tiny.cache_factory is KVCache
-    dense, dense_logits = sample(tiny, KVCache)
-    int8, int8_logits = sample(tiny, Int8KVCache)
+    assert tiny.attention.kv.storage == "model"
+    dense, dense_logits = sample(tiny, "model")
+    int8, int8_logits = sample(tiny, "int8")
     agreement = [float((a == b).float().mean()) for a, b in zip(dense.tokens, int8.tokens)]
     # measured: fp32 1.0 at every scale; bf16 1.0, 1.0, 1.0, 0.99, 0.99
     assert min(agreement) >= 0.9 and min(agreement[:3]) >= 0.95

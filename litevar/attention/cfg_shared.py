@@ -1,6 +1,7 @@
 """Attention sharing across the two classifier-free-guidance halves (ASC, LiteVAR).
 
-Rows are [conditional B; unconditional B]. Two variants, each switched on per (layer, scale) by a schedule:
+Rows are [conditional B; unconditional B]. Two variants, each switched on per (layer, scale) by a schedule
+(executed by :class:`~litevar.attention.processor.ComposedAttnProcessor`):
 - ``map``: the unconditional half reuses the conditional attention probabilities with its own values
   (what LiteVAR's code does): QK^T and softmax run for the conditional half only.
 - ``output``: the unconditional half reuses the conditional attention output after the projection and skips its
@@ -14,9 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..eval.flops import count_as
 from .probe import generate_with_processor
-from .context import AttnContext
 from .dense import DenseAttnProcessor
 
 MODES = ("map", "output")
@@ -65,52 +64,6 @@ class SharingSchedule:
 
     def to_state(self) -> dict:
         return {"mode": self.mode, "shared": self.shared.int().tolist()}
-
-
-class CFGSharedAttnProcessor:
-    """ASC on top of an attention core (dense, or an MDWA :class:`WindowedAttnProcessor`).
-
-    Args:
-        schedule: where and how to share.
-        core: an object with ``attend(layer, scale_index, q, k, v, scale)``; None = dense attention.
-    """
-
-    def __init__(self, schedule: SharingSchedule, core=None) -> None:
-        self.schedule = schedule
-        self.core = core
-        self.unshared = core or DenseAttnProcessor()
-
-    def _attend(self, layer, si, q, k, v, scale):
-        if self.core is None:
-            return F.scaled_dot_product_attention(q, k, v, scale=scale)
-        return self.core.attend(layer, si, q, k, v, scale)
-
-    def _probs(self, layer, si, q, k, scale):
-        logits = (q.float() @ k.float().transpose(-1, -2)) * scale
-        if self.core is not None:
-            logits = logits + self.core.bias(layer, si, torch.float32, q.device)
-        return logits.softmax(dim=-1)
-
-    def __call__(self, attn, x_BLC: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        layer, si, B = attn.block_idx, ctx.scale_index, ctx.cfg_batch
-        if ctx.kv_caches is None:
-            return self.unshared(attn, x_BLC, ctx)
-        if B is None or not bool(self.schedule.shared[layer, si]):
-            q, k, v = attn.project_qkv(x_BLC)
-            k, v = ctx.kv_caches[layer].append(k, v)
-            return attn.project_out(self._attend(layer, si, q, k, v, attn.softmax_scale))
-        cache = ctx.kv_caches[layer]
-        if self.schedule.mode == "output":
-            q, k, v = attn.project_qkv(x_BLC[:B])
-            k, v = cache.append_rows(k, v, rows=B)
-            y_BlC = attn.project_out(self._attend(layer, si, q, k, v, attn.softmax_scale))
-            return torch.cat((y_BlC, y_BlC))
-        q, k, v = attn.project_qkv(x_BLC)
-        k, v = cache.append(k, v)
-        with count_as("attention"):
-            probs = self._probs(layer, si, q[:B], k[:B], attn.softmax_scale)
-            out = torch.cat((probs @ v[:B].float(), probs @ v[B:].float())).to(v.dtype)
-        return attn.project_out(out)
 
 
 class _SimilarityProbe:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends import sdpa
+from .dispatch import sdpa
 from .context import AttnContext
 
 

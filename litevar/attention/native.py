@@ -55,7 +55,7 @@ def interval_kernel_available() -> bool:
         return False
     if not hasattr(torch.ops.litevar, "interval_attention"):
         return False
-    from ..eval.flops import register_flop_formula
+    from ..flops import register_flop_formula
 
     # FLOPs of what the kernel computes: its flops_per_row argument (from the layout) x batch rows.
     register_flop_formula(torch.ops.litevar.interval_attention.default,

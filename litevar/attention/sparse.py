@@ -1,7 +1,7 @@
-"""Sparse attention that computes only kept query-key pairs: the compiled interval kernel where it is built
-(:mod:`litevar.attention.interval`), else the PyTorch gathered kernel below; dense SDPA when little is skipped.
+"""The PyTorch gathered kernel: attention that computes only the kept query-key pairs of a window plan (which
+kernel runs a call is decided in :mod:`litevar.attention.dispatch`).
 
-Gathered kernel: each tile of queries attends only to the keys some query of the tile keeps.
+Each tile of queries attends only to the keys some query of the tile keeps.
 
 A :class:`GatheredLayout` is built once per (layer, query scale) from the plan's keep mask. Queries are cut into
 tiles of T consecutive raster positions; for each (head, tile) the union of its kept keys is listed, padded with
@@ -22,9 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..eval.flops import count_as
-from .interval import IntervalLayout, interval_attention
-from .native import interval_kernel_supports
+from ..flops import count_as
 
 TILES = (16, 32, 64)
 CHUNK_BYTES = 1 << 18  # scores of one chunk per thread, in the compute dtype: about a core's L2 share
@@ -157,9 +155,12 @@ def _as_slice(heads: torch.Tensor) -> slice | torch.Tensor:
 
 
 def gathered_attention(q_BHlc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor, scale: float,
-                       layout: GatheredLayout) -> torch.Tensor:
-    """Attention of ``q`` over the kept keys only; [B, H, l, c] like dense SDPA."""
+                       layout: GatheredLayout, probs_fn=None) -> torch.Tensor:
+    """Attention of ``q`` over the kept keys only; [B, H, l, c] like dense SDPA. ``probs_fn`` transforms the
+    probabilities of the computed pairs (pairs outside the window have probability 0 and stay 0 under it)."""
     if not layout.groups:
+        if probs_fn is not None:
+            raise ValueError("a dense layout has no explicit probabilities: use explicit_attention")
         return F.scaled_dot_product_attention(q_BHlc, k_BHLc, v_BHLc, attn_mask=layout.mask_as(q_BHlc.dtype),
                                               scale=scale)
     B, H, l, c = q_BHlc.shape
@@ -190,28 +191,10 @@ def gathered_attention(q_BHlc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch
                     v_g = v_rows[b0:b1].index_select(1, v_index[span]).view(shape)
                     scores = torch.matmul(q_tiles[b0:b1, heads], k_g.transpose(-1, -2)).add_(bias[j0:j1])
                     probs = torch.softmax(scores, dim=-1)
+                    if probs_fn is not None:
+                        probs = probs_fn(probs).to(probs.dtype)
                     if isinstance(heads, slice):
                         torch.matmul(probs, v_g, out=out[b0:b1, heads])
                     else:
                         out[b0:b1, heads] = torch.matmul(probs, v_g)
     return out.view(B, H, tiles * T, c)[:, :, :l]
-
-
-def sparse_layout(keep_HlL: torch.Tensor, q_like: torch.Tensor) -> GatheredLayout | IntervalLayout:
-    """The layout of one (layer, query scale) for queries like ``q_like``: the compiled interval kernel when it
-    runs for them (dense SDPA when it would compute too much: the gathered kernel's tiles would compute more),
-    else the gathered kernel (which itself falls back to dense SDPA)."""
-    if bool(keep_HlL.all()) or not interval_kernel_supports(q_like):
-        return GatheredLayout.from_mask(keep_HlL, q_like.device)
-    layout = IntervalLayout.from_mask(keep_HlL)
-    if layout.kept_pairs <= DENSE_ABOVE * keep_HlL.numel():
-        return layout
-    return GatheredLayout.dense(keep_HlL, q_like.device)
-
-
-def sparse_attention(q_BHlc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor, scale: float,
-                     layout: GatheredLayout | IntervalLayout) -> torch.Tensor:
-    """Attention over the kept pairs of ``layout`` (from :func:`sparse_layout`); [B, H, l, c] like dense SDPA."""
-    if isinstance(layout, IntervalLayout):
-        return interval_attention(q_BHlc, k_BHLc, v_BHLc, scale, layout)
-    return gathered_attention(q_BHlc, k_BHLc, v_BHLc, scale, layout)

@@ -1,11 +1,17 @@
-"""Recipe steps for the attention techniques: ``{"type": "mdwa", ...}`` and ``{"type": "asc", ...}``."""
+"""Recipe steps that configure attention: ``mdwa`` (key selection), ``asc`` (CFG sharing), ``kv-cache`` (storage).
+
+Each sets one component of ``pipe.attention`` (:mod:`litevar.attention.components`), whatever the other steps
+did before or do after; the quantization steps set the attention precision (``attn_bits``).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ..recipe import register_step
-from .cfg_shared import MODES, CFGSharedAttnProcessor, SharingSchedule, measure_cfg_similarity
-from .windowed import BACKENDS, WindowedAttnProcessor, apply_window_plan
+from .cfg_shared import MODES, SharingSchedule, measure_cfg_similarity
+from .components import KV_STORAGES, KVCacheSpec, WindowSelection
+from .dispatch import KERNELS
+from .windows import PlanError
 
 
 @dataclass
@@ -14,15 +20,17 @@ class MDWAConfig:
 
     Args:
         plan: path of a plan written by ``litevar calibrate-attention`` (refused for another model).
-        backend: "gathered" (computes only kept pairs) or "masked" (dense kernel with the -inf mask).
+        backend: the attention kernel: "auto" (chosen by capability and density), "interval" (compiled CPU
+            kernel), "gathered" (PyTorch, computes only kept pairs), "flex" (FlexAttention), "masked" (dense
+            kernel with the -inf mask: the plan's oracle) or "explicit".
     """
 
     plan: str
-    backend: str = "gathered"
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend not in KERNELS:
+            raise ValueError(f"backend must be one of {KERNELS}, got {self.backend!r}")
 
 
 @dataclass
@@ -52,23 +60,50 @@ class ASCConfig:
             raise ValueError(f"calib_samples must be >= 1, got {self.calib_samples}")
 
 
+@dataclass
+class KVCacheConfig:
+    """How the KV cache stores keys and values during sampling.
+
+    Args:
+        storage: "int8" (symmetric int8 with one scale per (row, head, token): about half the bytes of bf16)
+            or "model" (the model's dtype).
+    """
+
+    storage: str = "int8"
+
+    def __post_init__(self) -> None:
+        if self.storage not in KV_STORAGES:
+            raise ValueError(f"storage must be one of {sorted(KV_STORAGES)}, got {self.storage!r}")
+
+
 def _apply_mdwa(pipe, config: MDWAConfig) -> None:
     from .calibrate import load_plan
 
-    apply_window_plan(pipe.var, load_plan(config.plan, pipe.var), config.backend)
+    plan = load_plan(config.plan)
+    plan.check_model(pipe.identity())
+    cfg = pipe.var.cfg
+    if tuple(plan.patch_nums) != tuple(cfg.patch_nums) or plan.depth != cfg.depth or plan.heads != cfg.heads:
+        raise PlanError(f"window plan is for depth {plan.depth}, {plan.heads} heads, pyramid {plan.patch_nums}; "
+                        f"the model has depth {cfg.depth}, {cfg.heads} heads, pyramid {tuple(cfg.patch_nums)}")
+    pipe.set_attention("selection", WindowSelection(plan), by="mdwa")
+    if config.backend != "auto":
+        pipe.set_attention("kernel", config.backend, by="mdwa")
 
 
 def _apply_asc(pipe, config: ASCConfig) -> None:
     cfg = pipe.config.var
-    current = pipe.var.blocks[0].attn.processor
-    core = current if isinstance(current, WindowedAttnProcessor) else None
     if config.min_similarity is None:
         schedule = SharingSchedule.everywhere(config.mode, cfg.depth, len(cfg.patch_nums))
     else:
         similarity = measure_cfg_similarity(pipe, samples=config.calib_samples, seed=config.calib_seed, progress=False)
         schedule = SharingSchedule.from_similarity(config.mode, similarity, config.min_similarity)
-    pipe.var.set_attn_processor(CFGSharedAttnProcessor(schedule, core))
+    pipe.set_attention("sharing", schedule, by="asc")
 
 
-register_step("mdwa", MDWAConfig, _apply_mdwa)
-register_step("asc", ASCConfig, _apply_asc)
+def _apply_kv_cache(pipe, config: KVCacheConfig) -> None:
+    pipe.set_attention("kv", KVCacheSpec(config.storage), by="kv-cache")
+
+
+register_step("mdwa", MDWAConfig, _apply_mdwa, phase="attention")
+register_step("asc", ASCConfig, _apply_asc, phase="attention")
+register_step("kv-cache", KVCacheConfig, _apply_kv_cache, phase="attention")

@@ -5,7 +5,7 @@ memory never counts for the other and peak RSS is honest. Both use the same labe
 Per variant: latency at batch 1 (median of the repeats), throughput at batch N, peak memory (CPU: peak RSS
 of the process, VmHWM; GPU: ``torch.cuda.max_memory_allocated``), RSS before loading, transformer time per
 scale and the transformer / sampling / decoder split (``Pipeline.generate(timings=True)``), FLOPs per image
-by bucket (:mod:`litevar.eval.flops`, one counted batch-1 generation apart from the timed ones), KV-cache
+by bucket (:mod:`litevar.flops`, one counted batch-1 generation apart from the timed ones), KV-cache
 bytes at batch N and weight bytes. Writes JSON (``"litevar_bench": 1``) and a PNG next to it.
 """
 from __future__ import annotations
@@ -141,7 +141,7 @@ def measure_variant(spec: dict[str, Any]) -> dict[str, Any]:
             ``threads``, ``batch``, ``repeats``, ``warmup``, ``seed`` (image i uses seed + i) and ``sampling``.
     """
     from ..recipe import build_pipeline
-    from .flops import count_generation_flops
+    from ..flops import count_generation_flops
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])

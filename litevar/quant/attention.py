@@ -1,38 +1,40 @@
 """LiteVAR's 8-bit attention, simulated: Q and K per (batch, head, token), V per (batch, head, channel), all
 asymmetric with dynamic ranges, and the softmax output on the static grid [0, 1) with step 1/256.
 
-The KV cache keeps full-precision keys and values (quantized on use, as in LiteVAR). There is no CPU kernel for
-8-bit activation x activation matmuls in PyTorch, so this is fake quantization (quality only, not speed).
+It is the ``precision`` component of a model's attention (:mod:`litevar.attention.components`): the one
+attention processor quantizes q/k/v after the KV cache (which keeps its own storage: quantized on use, as in
+LiteVAR) and the probabilities inside whichever kernel computes them, so it composes with window plans (the
+gathered kernel computes only kept pairs) and CFG sharing. There is no CPU kernel for 8-bit activation x
+activation matmuls in PyTorch, so this is fake quantization (quality only, not speed).
 """
 from __future__ import annotations
 
 import torch
 
-from ..attention.context import AttnContext
 from .primitives import QuantSpec, fake_quant
 
 SOFTMAX_LEVELS = 256  # static softmax scale 1/256: probabilities in {0, 1/256, ..., 255/256}
 
 
-class QuantAttnProcessor:
-    """Dense attention with quantized QK^T and PV inputs (``bits`` for Q/K/V; the softmax grid is fixed).
+class AttnPrecision:
+    """Quantized QK^T and PV inputs (``bits`` for Q/K/V; the softmax grid is fixed).
 
     Example:
-        >>> pipe.var.set_attn_processor(QuantAttnProcessor(8))  # doctest: +SKIP
+        >>> p = AttnPrecision(8)
+        >>> float(p.quantize_probs(torch.tensor([0.5, 0.0012])).mul(SOFTMAX_LEVELS)[1])
+        0.0
     """
 
     def __init__(self, bits: int = 8) -> None:
+        self.bits = bits
         self.spec = QuantSpec(bits, False, "token")
 
-    def __call__(self, attn, x_BLC: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        q, k, v = attn.project_qkv(x_BLC)
-        if ctx.kv_caches is not None:
-            k, v = ctx.kv_caches[attn.block_idx].append(k, v)
+    def quantize_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """float32 fake-quantized q, k (per token) and v (per channel over tokens)."""
         q, k = fake_quant(q.float(), self.spec), fake_quant(k.float(), self.spec)
-        v = fake_quant(v.float().transpose(-1, -2), self.spec).transpose(-1, -2)  # per channel over tokens
-        logits = q @ k.transpose(-1, -2) * attn.softmax_scale
-        if ctx.attn_bias is not None:
-            logits = logits + ctx.attn_bias
-        probs = torch.softmax(logits, dim=-1)
-        probs = torch.round(probs * SOFTMAX_LEVELS).clamp_(0, SOFTMAX_LEVELS - 1) / SOFTMAX_LEVELS
-        return attn.project_out((probs @ v).to(x_BLC.dtype))
+        v = fake_quant(v.float().transpose(-1, -2), self.spec).transpose(-1, -2)
+        return q, k, v
+
+    @staticmethod
+    def quantize_probs(probs: torch.Tensor) -> torch.Tensor:
+        return torch.round(probs * SOFTMAX_LEVELS).clamp_(0, SOFTMAX_LEVELS - 1) / SOFTMAX_LEVELS

@@ -225,6 +225,6 @@ def quantize_decoder_(pipe, config: DecoderInt8Config, skeleton: bool = False) -
     return names
 
 
-register_step("decoder-int8", DecoderInt8Config, lambda pipe, config: quantize_decoder_(pipe, config))
+register_step("decoder-int8", DecoderInt8Config, lambda pipe, config: quantize_decoder_(pipe, config), phase="decoder")
 
 __all__ = ["DecoderInt8Config", "calibrate_decoder", "quantize_decoder_", "replace_decoder_convs", "select_convs"]

@@ -42,8 +42,6 @@ def check_int8_execution(config) -> None:
     if config.a_bits is not None and config.activations == "dynamic" and not config.a_symmetric:
         raise ValueError("execution 'int8' with dynamic activations needs a_symmetric: true (per-token zero points "
                          "have no int8 kernel here); static ranges may be asymmetric")
-    if config.attn_bits is not None:
-        raise ValueError("attn_bits simulates 8-bit attention (no CPU kernel for it here); use execution 'fake'")
     if config.online_rotation:
         raise ValueError("the online Hadamard rotation has no integer kernel here; use execution 'fake'")
     if config.w_group_size is not None and config.a_bits is not None:

@@ -148,14 +148,21 @@ def quantize_(pipe, config: QuantConfig, filter_fn: Callable[[str, torch.nn.Modu
         from .runtime import check_int8_execution
 
         check_int8_execution(config)
+    pipe.identity()  # taken from the weights as loaded, before this step changes them
     if skeleton:
         replace_linears(pipe, config, targets(pipe, config, filter_fn), rotate=config.online_rotation)
     else:
         handler(pipe, config, filter_fn)
     if config.attn_bits is not None:  # after calibration: the Linears were calibrated on float attention
-        from .attention import QuantAttnProcessor
+        from .attention import AttnPrecision
 
-        pipe.var.set_attn_processor(QuantAttnProcessor(config.attn_bits))
+        pipe.set_attention("precision", AttnPrecision(config.attn_bits), by=_step_name(config))
+
+
+def _step_name(config: QuantConfig) -> str:
+    from ..recipe import STEPS
+
+    return next((name for name, s in STEPS.items() if type(config) is s.config_cls), type(config).__name__)
 
 
 def targets(pipe, config: QuantConfig, filter_fn=None) -> dict[str, torch.nn.Module]:

@@ -2,11 +2,12 @@ import pytest
 import torch
 
 from litevar.attention.calibrate import collect_stats, model_identity, save_plan
-from litevar.attention.cfg_shared import CFGSharedAttnProcessor, SharingSchedule, measure_cfg_similarity
+from litevar.attention.cfg_shared import SharingSchedule, measure_cfg_similarity
+from litevar.attention.components import AttentionComponents, WindowSelection
 from litevar.attention.context import AttnContext
 from litevar.attention.dense import DenseAttnProcessor
 from litevar.attention.kv_cache import KVCache
-from litevar.attention.windowed import WindowedAttnProcessor
+from litevar.attention.processor import ComposedAttnProcessor
 from litevar.attention.windows import WindowPlan
 from litevar.recipe import RecipeError, build_pipeline
 
@@ -19,14 +20,18 @@ def _restore(pipe):
     pipe.var.set_attn_processor(DenseAttnProcessor())
 
 
+def _sharing(schedule, selection=None, kernel="auto"):
+    return ComposedAttnProcessor(AttentionComponents(selection=selection, sharing=schedule, kernel=kernel))
+
+
 def test_sharing_off_equals_dense(tiny_pipe):
     cfg = tiny_pipe.config.var
     dense = _generate(tiny_pipe)
     off = torch.zeros(cfg.depth, len(cfg.patch_nums), dtype=torch.bool)
     full_plan = WindowPlan.full(cfg.patch_nums, cfg.depth, cfg.heads)
     for mode in ("map", "output"):
-        for core in (None, WindowedAttnProcessor(full_plan, "gathered")):
-            tiny_pipe.var.set_attn_processor(CFGSharedAttnProcessor(SharingSchedule(mode, off), core))
+        for selection in (None, WindowSelection(full_plan)):
+            tiny_pipe.var.set_attn_processor(_sharing(SharingSchedule(mode, off), selection, "gathered"))
             try:
                 out = _generate(tiny_pipe)
             finally:
@@ -51,7 +56,7 @@ def test_output_sharing_copies_the_conditional_output(tiny_pipe):
     cfg = tiny_pipe.config.var
     shared = torch.zeros(cfg.depth, len(cfg.patch_nums), dtype=torch.bool)
     shared[1, 2:] = True
-    outs, _, _ = _layer_call(tiny_pipe, CFGSharedAttnProcessor(SharingSchedule("output", shared)))
+    outs, _, _ = _layer_call(tiny_pipe, _sharing(SharingSchedule("output", shared)))
     dense_outs, _, _ = _layer_call(tiny_pipe, DenseAttnProcessor())
     torch.testing.assert_close(outs[1], dense_outs[1])  # scale 1 not shared
     torch.testing.assert_close(outs[2][:2], dense_outs[2][:2], atol=1e-5, rtol=1e-5)  # cond half is exact
@@ -62,7 +67,7 @@ def test_map_sharing_uses_conditional_probabilities_with_own_values(tiny_pipe):
     cfg = tiny_pipe.config.var
     shared = torch.zeros(cfg.depth, len(cfg.patch_nums), dtype=torch.bool)
     shared[1, 2] = True
-    outs, caches, xs = _layer_call(tiny_pipe, CFGSharedAttnProcessor(SharingSchedule("map", shared)))
+    outs, caches, xs = _layer_call(tiny_pipe, _sharing(SharingSchedule("map", shared)))
     attn = tiny_pipe.var.blocks[1].attn
     L = caches[1].length
     k, v = caches[1].k[:, :, :L], caches[1].v[:, :, :L]
@@ -101,10 +106,11 @@ def test_recipe_steps_compose_and_check_the_plan(tmp_path, ref_dir, tiny_pipe):
                                         {"type": "asc", "mode": "output"}]}
     pipe = build_pipeline(recipe, **args)
     processor = pipe.var.blocks[0].attn.processor
-    assert isinstance(processor, CFGSharedAttnProcessor) and isinstance(processor.core, WindowedAttnProcessor)
+    assert isinstance(processor, ComposedAttnProcessor) and processor.components is pipe.attention
+    assert pipe.attention.selection.plan.kept_fraction() < 1 and pipe.attention.sharing.mode == "output"
     assert _generate(pipe).images.shape[0] == 3
     calibrated = build_pipeline({"steps": [{"type": "asc", "min_similarity": 0.5, "calib_samples": 2}]}, **args)
-    schedule = calibrated.var.blocks[0].attn.processor.schedule
+    schedule = calibrated.attention.sharing
     assert schedule.mode == "output" and schedule.shared.shape == (2, 5)
     plan.model = {**plan.model, "weights_bf16_sha256": "0" * 16}
     save_plan(plan, tmp_path / "other.json")

@@ -80,7 +80,7 @@ def test_unkept_keys_never_weigh_even_when_they_dominate():
 
 
 def test_counts_what_it_computes():
-    from litevar.eval.flops import FlopCounter
+    from litevar.flops import FlopCounter
 
     plan = WindowPlan((1, 2, 4, 8), torch.full((1, 2, 4, 4), 2, dtype=torch.int32), "raster",
                       full_query_scales=2, kept_key_scales=1)
@@ -104,13 +104,30 @@ def test_bad_layouts_and_calls_are_refused():
                            layout)
 
 
-def test_sparse_layout_picks_the_kernel_by_density(monkeypatch):
+def test_dispatcher_picks_the_kernel_by_capability_and_density(monkeypatch):
+    from litevar.attention import dispatch
+    from litevar.attention.components import WindowSelection
+
     plan = WindowPlan((1, 2, 4, 8), torch.full((1, 2, 4, 4), 2, dtype=torch.int32), "raster",
                       full_query_scales=2, kept_key_scales=1)
-    q = torch.randn(1, 2, 64, 16)
-    assert isinstance(sparse.sparse_layout(plan.keep_mask(0, 3), q), IntervalLayout)
-    dense = sparse.sparse_layout(torch.ones(2, 64, 85, dtype=torch.bool), q)
-    assert isinstance(dense, sparse.GatheredLayout) and not dense.groups and dense.mask is None
-    assert isinstance(sparse.sparse_layout(plan.keep_mask(0, 3), q.to(torch.float16)), sparse.GatheredLayout)
-    monkeypatch.setattr(sparse, "interval_kernel_supports", lambda q: False)  # not built here
-    assert isinstance(sparse.sparse_layout(plan.keep_mask(0, 3), q), sparse.GatheredLayout)
+    full = WindowPlan.full((1, 2, 4, 8), depth=1, heads=2)
+    q, kv = torch.randn(1, 2, 64, 16), torch.randn(1, 2, 85, 16)
+
+    def ran(selection, query, **kw):
+        d = dispatch.KernelDispatcher(kw.pop("kernel", "auto"))
+        out = d.attend(0, 3, query, kv.to(query.dtype), kv.to(query.dtype), 0.5, selection, **kw)
+        assert out.shape == query.shape
+        return d.trace[(0, 3)]
+
+    windowed = WindowSelection(plan)
+    assert ran(windowed, q) == "interval"
+    assert ran(WindowSelection(full), q) == "sdpa"  # everything kept: no mask at all
+    assert ran(windowed, q.to(torch.float16)) == "gathered"  # no fp16 interval kernel
+    assert ran(windowed, q, probs_fn=lambda p: p) == "gathered"  # probabilities needed: the PyTorch kernel
+    assert ran(windowed, q, kernel="masked") == "masked"
+    assert ran(None, q) == "sdpa"
+    with pytest.raises(ValueError, match="interval kernel cannot run"):
+        ran(windowed, q.to(torch.float16), kernel="interval")
+    monkeypatch.setattr(dispatch, "interval_kernel_supports", lambda q: False)  # not built here
+    assert ran(windowed, q) == "gathered"
+

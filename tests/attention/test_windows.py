@@ -3,10 +3,18 @@ import math
 import pytest
 import torch
 
-from litevar.attention.dense import DenseAttnProcessor
+from litevar.attention.calibrate import save_plan
+from litevar.attention.components import WindowSelection
+from litevar.attention.dispatch import KernelDispatcher
 from litevar.attention.sparse import GatheredLayout, gathered_attention
-from litevar.attention.windowed import WindowedAttnProcessor, apply_window_plan
+from litevar.attention.steps import MDWAConfig
 from litevar.attention.windows import DROP, FULL, PlanError, WindowPlan, needed_width
+from litevar.recipe import STEPS
+
+
+def _masked(plan, layer, k, q, key, value, scale):
+    """The plan's oracle: the fused dense kernel with the plan's -inf mask."""
+    return KernelDispatcher("masked").attend(layer, k, q, key, value, scale, WindowSelection(plan))
 
 
 def _random_plan(pipe, geometry, seed=0, **kw):
@@ -42,15 +50,18 @@ def test_full_plan_keeps_everything_and_first_scales_stay():
 
 
 @pytest.mark.parametrize("geometry", ["raster", "2d"])
-def test_full_plan_equals_dense_sampling(tiny_pipe, geometry):
+def test_full_plan_equals_dense_sampling(tiny_pipe, ref_dir, geometry):
+    import litevar
+
     dense = tiny_pipe.generate([1, 4], seed=[3, 4], progress=False)
     cfg = tiny_pipe.config.var
-    for backend in ("masked", "gathered"):
-        apply_window_plan(tiny_pipe.var, WindowPlan.full(cfg.patch_nums, cfg.depth, cfg.heads, geometry), backend)
-        try:
-            full = tiny_pipe.generate([1, 4], seed=[3, 4], progress=False)
-        finally:
-            tiny_pipe.var.set_attn_processor(DenseAttnProcessor())
+    for backend in ("masked", "gathered", "auto"):
+        pipe = litevar.load_pipeline(ref_dir / "tiny_var.pth", ref_dir / "tiny_vae.pth",
+                                     config=ref_dir / "tiny_config.json")
+        pipe.set_attention("selection", WindowSelection(WindowPlan.full(cfg.patch_nums, cfg.depth, cfg.heads,
+                                                                         geometry)), by="test")
+        pipe.set_attention("kernel", backend, by="test")
+        full = pipe.generate([1, 4], seed=[3, 4], progress=False)
         assert all(torch.equal(a, b) for a, b in zip(dense.tokens, full.tokens))
         torch.testing.assert_close(full.images, dense.images, atol=1e-5, rtol=0)
 
@@ -61,8 +72,7 @@ def test_masking_is_exact(geometry):
                       full_query_scales=1, kept_key_scales=1)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 2, 36 if i == 0 else 57, 8, generator=g) for i in range(3))
-    proc = WindowedAttnProcessor(plan, "masked")
-    out = proc.attend(0, 3, q, k, v, 0.5)
+    out = _masked(plan, 0, 3, q, k, v, 0.5)
     keep = plan.keep_mask(0, 3)
     logits = (q @ k.transpose(-1, -2)) * 0.5
     probs = logits.masked_fill(~keep, -math.inf).softmax(-1)
@@ -70,7 +80,7 @@ def test_masking_is_exact(geometry):
     # a masked key has no influence at all, however large its value
     v_changed = v.clone()
     v_changed[:, :, 20:] += 1000 * (~keep[:, :, 20:]).all(dim=1).unsqueeze(-1).float()
-    torch.testing.assert_close(proc.attend(0, 3, q, k, v_changed, 0.5), out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_masked(plan, 0, 3, q, k, v_changed, 0.5), out, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("geometry", ["raster", "2d"])
@@ -83,22 +93,23 @@ def test_gathered_kernel_equals_masked_dense(geometry, tile):
     q = torch.randn(2, 3, 64, 16, generator=g)
     k, v = torch.randn(2, 3, L, 16, generator=g), torch.randn(2, 3, L, 16, generator=g)
     layout = GatheredLayout.from_mask(plan.keep_mask(0, 4), "cpu", tile=tile)
-    masked = WindowedAttnProcessor(plan, "masked").attend(0, 4, q, k, v, 0.3)
+    masked = _masked(plan, 0, 4, q, k, v, 0.3)
     torch.testing.assert_close(gathered_attention(q, k, v, 0.3, layout), masked, atol=1e-5, rtol=1e-5)
     kept = int(plan.keep_mask(0, 4).sum())
     assert kept <= layout.kept_pairs <= 3 * 64 * L
 
 
-def test_plan_round_trip_and_wrong_model(tiny_pipe):
-    plan = _random_plan(tiny_pipe, "2d", model={"weights_sha256": "abc", "patch_nums": [1, 2]})
+def test_plan_round_trip_and_wrong_model(fresh_pipe, tmp_path):
+    plan = _random_plan(fresh_pipe, "2d", model={"weights_sha256": "abc", "patch_nums": [1, 2]})
     again = WindowPlan.from_state(plan.to_state())
     assert torch.equal(again.windows, plan.windows) and again.geometry == "2d"
     assert torch.equal(again.keep_mask(1, 4), plan.keep_mask(1, 4))
     with pytest.raises(PlanError, match="another model"):
         again.check_model({"weights_sha256": "def", "patch_nums": [1, 2]})
     wrong = WindowPlan.full((1, 2, 3), depth=2, heads=2)
+    save_plan(wrong, tmp_path / "wrong.json")
     with pytest.raises(PlanError, match="the model has depth"):
-        apply_window_plan(tiny_pipe.var, wrong)
+        STEPS["mdwa"].handler(fresh_pipe, MDWAConfig(str(tmp_path / "wrong.json")))
     with pytest.raises(PlanError, match="not a window plan"):
         WindowPlan.from_state({"windows": []})
 
@@ -117,7 +128,7 @@ def test_gathered_kernel_chunks_groups_and_cache_views(monkeypatch):
     cache = torch.randn(2, 3, 4, L + 7, 16, generator=g)  # k/v storage with room left, as the KV cache
     k, v = cache[0, :, :, :L], cache[1, :, :, :L]
     q = torch.randn(3, 4, 64, 16, generator=g)
-    masked = WindowedAttnProcessor(plan, "masked").attend(0, 4, q, k, v, 0.3)
+    masked = _masked(plan, 0, 4, q, k, v, 0.3)
     layout = GatheredLayout.from_mask(plan.keep_mask(0, 4), "cpu", tile=16)
     assert len(layout.groups) > 1
     for chunk_bytes in (sparse.CHUNK_BYTES, 64):
@@ -126,7 +137,7 @@ def test_gathered_kernel_chunks_groups_and_cache_views(monkeypatch):
 
 
 def test_gathered_kernel_counts_what_it_computes():
-    from litevar.eval.flops import FlopCounter
+    from litevar.flops import FlopCounter
 
     plan = WindowPlan((1, 2, 4, 8), torch.full((1, 2, 4, 4), 3, dtype=torch.int32), "raster",
                       full_query_scales=2, kept_key_scales=1)

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import litevar
-from litevar.eval import flops as fl
+from litevar import flops as fl
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,20 @@ import pytest
 import torch
 
 import litevar
+from litevar.attention.components import AttentionComponents
 from litevar.attention.context import AttnContext
 from litevar.attention.dense import DenseAttnProcessor
-from litevar.quant.attention import SOFTMAX_LEVELS, QuantAttnProcessor
+from litevar.attention.processor import ComposedAttnProcessor
+from litevar.quant.attention import SOFTMAX_LEVELS, AttnPrecision
 from litevar.recipe import RecipeError, apply_recipe, load_recipe
 
 
 def _fresh(ref_dir):
     return litevar.load_pipeline(ref_dir / "tiny_var.pth", ref_dir / "tiny_vae.pth", config=ref_dir / "tiny_config.json")
+
+
+def QuantAttnProcessor(bits):
+    return ComposedAttnProcessor(AttentionComponents(precision=AttnPrecision(bits)))
 
 
 def _attn_error(pipe, processor) -> float:
@@ -50,7 +56,8 @@ def test_probabilities_are_on_the_static_softmax_grid(tiny_pipe, monkeypatch):
 def test_recipe_sets_the_processor_and_generates(ref_dir):
     pipe = apply_recipe(_fresh(ref_dir), load_recipe({"dtype": "fp32", "steps": [
         {"type": "litevar-mp", "w_bits": 8, "a_bits": 8, "attn_bits": 8}]}))
-    assert all(isinstance(b.attn.processor, QuantAttnProcessor) for b in pipe.var.blocks)
+    assert isinstance(pipe.attention.precision, AttnPrecision) and pipe.attention.owners["precision"] == "litevar-mp"
+    assert all(b.attn.processor.components is pipe.attention for b in pipe.var.blocks)
     dense = _fresh(ref_dir).generate([1, 2], seed=[0, 1], progress=False)
     out = pipe.generate([1, 2], seed=[0, 1], progress=False)
     assert [t.shape for t in out.tokens] == [t.shape for t in dense.tokens]
@@ -59,7 +66,6 @@ def test_recipe_sets_the_processor_and_generates(ref_dir):
 
 @pytest.mark.parametrize("step, word", [
     ({"type": "rtn", "attn_bits": 1}, "attn_bits"),
-    ({"type": "rtn", "attn_bits": 8, "w_symmetric": True, "a_symmetric": True, "execution": "int8"}, "attn_bits"),
 ])
 def test_bad_attention_bits_rejected(tiny_pipe, step, word):
     with pytest.raises((ValueError, RecipeError), match=word):

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import litevar
-from litevar.eval.flops import FlopCounter
+from litevar.flops import FlopCounter
 from litevar.quant import conv as qconv
 from litevar.quant.conv import ACT_SPEC, Int8Conv2d, Int8Upsample2x, onednn_int8_conv_available, quantize_activation
 from litevar.quant.decoder import DecoderInt8Config, calibrate_decoder, select_convs

@@ -58,7 +58,7 @@ def test_fused_adaln_quantize_equals_eager(symmetric):
     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3  # only float reassociation at rounding ties
     for other_tokens in (1, 4):  # the dynamic-shape kernel serves every scale
         assert adaln_quantize(x[:, :other_tokens], scale_unit, shift, scale, zero, spec, 1e-6).shape[1] == other_tokens
-    from litevar.eval.flops import FlopCounter
+    from litevar.flops import FlopCounter
 
     with FlopCounter():  # compiled code does not run under a dispatch mode: unfused there, fused again after
         assert adaln_quantize(x, scale_unit, shift, scale, zero, spec, 1e-6) is None

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..attention.context import AttnContext
+from .attention.context import AttnContext
 
 BUCKETS = ("attention", "linear", "decoder", "other")
 Formula = Callable[[tuple, dict, Any], int]

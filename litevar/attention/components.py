@@ -1,0 +1,123 @@
+"""Each block's attention as data: independent components set by recipe steps, run by one processor.
+
+=============  ==========================================  ===================
+component      what it decides                             set by
+=============  ==========================================  ===================
+``selection``  which keys each query sees (window plan)    ``mdwa``
+``sharing``    CFG halves sharing outputs or probabilities ``asc``
+``precision``  quantized QK^T / PV inputs and softmax      quantization ``attn_bits``
+``kv``         how the KV cache stores keys and values     ``kv-cache``
+``kernel``     which kernel computes (default ``auto``)    ``mdwa`` ``backend``
+=============  ==========================================  ===================
+
+Each component is set once, by one step; setting it again (two steps claiming it) is refused with a
+:class:`ComponentConflict` naming both. The processor that executes them is
+:class:`~litevar.attention.processor.ComposedAttnProcessor`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .kv_cache import Int8KVCache, KVCache
+from .windows import WindowPlan
+
+COMPONENTS = ("selection", "sharing", "precision", "kv", "kernel")
+KV_STORAGES = {"model": KVCache, "int8": Int8KVCache}
+
+
+class ComponentConflict(ValueError):
+    """Two steps set the same attention component, or set components that cannot run together."""
+
+
+class WindowSelection:
+    """MDWA key selection from a window plan, with its masks built once per (layer, scale, dtype, device).
+
+    Args:
+        plan: the window plan (checked against the model when it is installed).
+    """
+
+    def __init__(self, plan: WindowPlan) -> None:
+        self.plan = plan
+        self._bias: dict[tuple, torch.Tensor] = {}
+        self._keep: dict[tuple, torch.Tensor] = {}
+
+    def keep_mask(self, layer: int, k: int) -> torch.Tensor:
+        """bool [heads, queries of scale k, keys of scales 0..k]."""
+        if (layer, k) not in self._keep:
+            self._keep[(layer, k)] = self.plan.keep_mask(layer, k)
+        return self._keep[(layer, k)]
+
+    def bias(self, layer: int, k: int | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The plan's additive mask for (layer, query scale k; None = teacher-forced, block-causal included)."""
+        key = (layer, k, dtype, device)
+        if key not in self._bias:
+            if k is None:
+                self._bias[key] = self.plan.teacher_forcing_bias(layer, dtype, device)
+            else:
+                self._bias[key] = self.plan.attn_bias(layer, k, dtype, device)
+        return self._bias[key]
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """How the KV cache stores keys and values.
+
+    Args:
+        storage: "model" (the model's dtype) or "int8" (symmetric int8 per (row, head, token), ~half the bytes).
+    """
+
+    storage: str = "model"
+
+    def __post_init__(self) -> None:
+        if self.storage not in KV_STORAGES:
+            raise ValueError(f"KV storage must be one of {sorted(KV_STORAGES)}, got {self.storage!r}")
+
+    def make(self, batch: int, heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
+             device: torch.device) -> KVCache:
+        return KV_STORAGES[self.storage](batch, heads, max_len, head_dim, dtype, device)
+
+
+@dataclass
+class AttentionComponents:
+    """The attention configuration of one model (every block reads it; per-layer parts are indexed inside).
+
+    Args:
+        selection: a :class:`WindowSelection`, or None for every key.
+        sharing: a :class:`~litevar.attention.cfg_shared.SharingSchedule`, or None for no CFG sharing.
+        precision: an object with ``quantize_qkv(q, k, v)`` and ``quantize_probs(p)``, or None for float attention.
+        kv: the KV cache storage.
+        kernel: the dispatcher's kernel choice (see :mod:`litevar.attention.dispatch`).
+
+    Example:
+        >>> parts = AttentionComponents()
+        >>> parts.set("kv", KVCacheSpec("int8"), by="kv-cache")
+        >>> parts.kv.storage, parts.owners
+        ('int8', {'kv': 'kv-cache'})
+    """
+
+    selection: WindowSelection | None = None
+    sharing: Any = None
+    precision: Any = None
+    kv: KVCacheSpec = field(default_factory=KVCacheSpec)
+    kernel: str = "auto"
+    owners: dict[str, str] = field(default_factory=dict)
+
+    def set(self, component: str, value: Any, by: str) -> None:
+        """Set ``component`` on behalf of step ``by``; refused when another step already set it."""
+        if component not in COMPONENTS:
+            raise ValueError(f"unknown attention component {component!r}; use one of {COMPONENTS}")
+        if component in self.owners:
+            raise ComponentConflict(f"steps {self.owners[component]!r} and {by!r} both set the attention "
+                                    f"{component}; keep one of them")
+        setattr(self, component, value)
+        self.owners[component] = by
+
+    def describe(self) -> dict[str, Any]:
+        """What is configured, for reports (``litevar bench`` JSON)."""
+        return {"selection": None if self.selection is None else round(self.selection.plan.kept_fraction(), 6),
+                "sharing": None if self.sharing is None else self.sharing.mode,
+                "precision": None if self.precision is None else getattr(self.precision, "bits", True),
+                "kv_storage": self.kv.storage, "kernel": self.kernel, "set_by": dict(self.owners)}

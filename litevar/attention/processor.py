@@ -1,0 +1,68 @@
+"""The one attention processor that executes a block's :class:`~litevar.attention.components.AttentionComponents`.
+
+Order of execution in each call (KV-cached sampling; a teacher-forced pass has no cache and no sharing):
+
+1. CFG sharing decides the rows: with output sharing at this (layer, scale) only the conditional half is
+   projected, cached and attended, and its output is copied to the unconditional half.
+2. q, k, v projection of those rows (the model's ``mat_qkv``: quantized if a quantization step replaced it).
+3. KV cache: the new keys/values are stored in the cache's storage (e.g. int8) and everything cached is read back.
+4. Attention precision: q, k, v are quantized (fake quantization of LiteVAR's 8-bit attention).
+5. The kernel (chosen by the dispatcher) computes attention over the selected keys (window plan), with the
+   probabilities quantized by the precision component and, with map sharing, the conditional probabilities
+   applied to both halves' values.
+6. Output projection.
+"""
+from __future__ import annotations
+
+import torch
+
+from .components import AttentionComponents
+from .context import AttnContext
+from .dispatch import KernelDispatcher
+
+
+class ComposedAttnProcessor:
+    """Attention as configured by ``components`` (one processor object for every block of a model).
+
+    ``trace[(layer, scale)]`` records, for the last call there, the kernel that ran and the rows computed.
+
+    Example:
+        >>> pipe.var.set_attn_processor(ComposedAttnProcessor(pipe.attention))  # doctest: +SKIP
+    """
+
+    def __init__(self, components: AttentionComponents) -> None:
+        self.components = components
+        self.dispatcher = KernelDispatcher(components.kernel)
+        self.trace: dict[tuple[int, int | None], dict] = {}
+
+    def _sharing(self, layer: int, ctx: AttnContext) -> str | None:
+        schedule = self.components.sharing
+        if schedule is None or ctx.kv_caches is None or ctx.cfg_batch is None:
+            return None
+        return schedule.mode if bool(schedule.shared[layer, ctx.scale_index]) else None
+
+    def __call__(self, attn, x_BLC: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        parts = self.components
+        if self.dispatcher.kernel != parts.kernel:
+            self.dispatcher = KernelDispatcher(parts.kernel)
+        layer, si, B = attn.block_idx, ctx.scale_index, ctx.cfg_batch
+        share = self._sharing(layer, ctx)
+        rows = x_BLC[:B] if share == "output" else x_BLC
+        q, k, v = attn.project_qkv(rows)
+        out_dtype = q.dtype
+        if ctx.kv_caches is not None:
+            cache = ctx.kv_caches[layer]
+            k, v = cache.append_rows(k, v, rows=B) if share == "output" else cache.append(k, v)
+        probs_fn = None
+        if parts.precision is not None:
+            q, k, v = parts.precision.quantize_qkv(q, k, v)
+            probs_fn = parts.precision.quantize_probs
+        if share == "map":
+            q, k = q[:B], k[:B]
+        out = self.dispatcher.attend(layer, si if ctx.kv_caches is not None else None, q, k, v, attn.softmax_scale,
+                                     parts.selection, ctx.attn_bias, probs_fn)
+        key = (layer, si if ctx.kv_caches is not None else None)
+        self.trace[key] = {"kernel": self.dispatcher.trace[key], "rows": int(rows.shape[0]),
+                           "shared": share}
+        y_BLC = attn.project_out(out.to(out_dtype))
+        return torch.cat((y_BLC, y_BLC)) if share == "output" else y_BLC
