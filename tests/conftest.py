@@ -1,4 +1,4 @@
-"""Shared fixtures: the upstream reference data (read from ../shared/reference relative to the repo root)."""
+"""Shared fixtures: the upstream reference data in tests/fixtures/upstream (see the README there)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,13 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-REF = REPO.parent / "shared" / "reference"
+REF = Path(__file__).resolve().parent / "fixtures" / "upstream"
 
 
 @pytest.fixture(scope="session")
 def ref_dir() -> Path:
-    assert REF.is_dir(), f"reference data missing: expected {REF} (the project's shared/reference folder)"
+    assert REF.is_dir(), f"reference data missing: expected {REF} (tests/fixtures/upstream of the repository)"
     return REF
 
 
