@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .attention.context import AttnContext
 from .attention.components import AttentionComponents
 from .attention.processor import ComposedAttnProcessor
+from .models.kernels import install_inference_fusions
 from .models.configs import PipelineConfig, load_config
 from .models.loading import CheckpointError, infer_config, load_strict, read_state_dict, resolve_hub
 from .models.default import default_model
@@ -95,6 +96,7 @@ class Pipeline:
 
     def __init__(self, var: VAR, vae: VQVAE, config: PipelineConfig, sampling: dict | None = None,
                  class_names: Sequence[str] | None = None) -> None:
+        install_inference_fusions(var)
         self.var = var
         self.vae = vae
         self.config = config

@@ -66,3 +66,14 @@ class ComposedAttnProcessor:
                            "shared": share}
         y_BLC = attn.project_out(out.to(out_dtype))
         return torch.cat((y_BLC, y_BLC)) if share == "output" else y_BLC
+
+    def report(self) -> dict:
+        """The last generation's attention, for reports: the kernel per (layer, scale) and the CFG sharing calls."""
+        cached = sorted(key for key in self.trace if key[1] is not None)
+        layers = sorted({layer for layer, _ in cached})
+        kernels = {str(layer): [self.trace[(layer, si)]["kernel"] for l2, si in cached if l2 == layer]
+                   for layer in layers}
+        shared = [self.trace[key]["shared"] for key in cached]
+        return {"components": self.components.describe(), "kernels": kernels,
+                "calls": len(cached), "output_shared_calls": shared.count("output"),
+                "map_shared_calls": shared.count("map")}

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..flops import count_as
 
-TILES = (16, 32, 64)
+TILES = (4, 8, 16, 32, 64)  # 4 and 8 serve small scales (the cost model penalises them: 4x and 2.5x per pair)
 CHUNK_BYTES = 1 << 18  # scores of one chunk per thread, in the compute dtype: about a core's L2 share
 GROUP_SLACK = 1.25  # heads share a group (one padded key count) while their key counts differ by at most this
 TILE_COST = 12  # per-pair overhead of small tiles: cost ~ pairs * (1 + TILE_COST / T), fitted on d16 shapes

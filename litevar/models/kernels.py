@@ -25,3 +25,28 @@ def fused_linear_gelu_tanh(linear: nn.Module, x: torch.Tensor) -> torch.Tensor |
             or not onednn_bf16_linear_available()):
         return None
     return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "gelu", [], "tanh")
+
+
+class OneDNNGeluFFN(nn.Module):
+    """The FFN with fc1 and the tanh GELU in one oneDNN call where :func:`fused_linear_gelu_tanh` applies (plain
+    bf16 Linears on CPU at inference), the plain computation elsewhere. Same children and keys as the FFN."""
+
+    def __init__(self, ffn: nn.Module) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = ffn.fc1, ffn.fc2
+
+    def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
+        h_BLH = fused_linear_gelu_tanh(self.fc1, x_BLC)
+        if h_BLH is None:
+            h_BLH = torch.nn.functional.gelu(self.fc1(x_BLC), approximate="tanh")
+        return self.fc2(h_BLH)
+
+
+def install_inference_fusions(var: nn.Module) -> None:
+    """Replace each block's plain FFN by :class:`OneDNNGeluFFN` (an exact fast path; a no-op where the fused call
+    does not apply). Called by the pipeline for inference; quantization installs its own fused FFN over it."""
+    from .var import FFN
+
+    for block in var.blocks:
+        if type(block.ffn) is FFN:
+            block.ffn = OneDNNGeluFFN(block.ffn)

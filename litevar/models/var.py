@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from ..attention.context import AttnContext
 from .attention import SelfAttention
 from .configs import VARConfig
-from .kernels import fused_linear_gelu_tanh
 
 
 class FFN(nn.Module):
@@ -21,14 +20,30 @@ class FFN(nn.Module):
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
-        gelu_into = getattr(self.fc1, "gelu_into", None)  # int8 runtime: fc1+GELU writes fc2's 8-bit input
-        out = gelu_into(x_BLC, self.fc2) if gelu_into is not None else None
-        if out is not None:
-            return out
-        h_BLH = fused_linear_gelu_tanh(self.fc1, x_BLC)
-        if h_BLH is None:
-            h_BLH = F.gelu(self.fc1(x_BLC), approximate="tanh")
-        return self.fc2(h_BLH)
+        return self.fc2(F.gelu(self.fc1(x_BLC), approximate="tanh"))
+
+
+class ModulatedNorm(nn.Module):
+    """``LN(x) * (unit + scale) + shift`` without affine weights; ``unit`` is 1 until a transform folds an input
+    scale into it (then it is a per-channel buffer that this module saves and restores)."""
+
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__()
+        self.width = width
+        self.eps = eps
+        self.register_buffer("unit", None)
+
+    def scale_unit(self, scale: torch.Tensor) -> torch.Tensor:
+        return scale.add(1 if self.unit is None else self.unit)
+
+    def forward(self, x_BLC: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x_BLC, (self.width,), eps=self.eps).mul(self.scale_unit(scale)).add_(shift)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        saved = state_dict.get(prefix + "unit")
+        if saved is not None and self.unit is None:  # a folded model's state: the buffer comes back with it
+            self.unit = torch.empty_like(saved)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class AdaLNBlock(nn.Module):
@@ -37,10 +52,11 @@ class AdaLNBlock(nn.Module):
     def __init__(self, block_idx: int, cfg: VARConfig) -> None:
         super().__init__()
         self.width = cfg.width
-        self.norm_eps = cfg.norm_eps
         self.shared_aln = cfg.shared_aln
         self.attn = SelfAttention(block_idx, cfg.width, cfg.heads, cfg.attn_l2_norm)
         self.ffn = FFN(cfg.width, cfg.hidden)
+        self.norm1 = ModulatedNorm(cfg.width, cfg.norm_eps)
+        self.norm2 = ModulatedNorm(cfg.width, cfg.norm_eps)
         if cfg.shared_aln:
             self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, cfg.width) / cfg.width ** 0.5)
         else:
@@ -53,32 +69,10 @@ class AdaLNBlock(nn.Module):
             return self.ada_gss + cond
         return self.ada_lin(cond).view(-1, 1, 6, self.width)
 
-    def _norm(self, x_BLC: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x_BLC, (self.width,), eps=self.norm_eps)
-
-    def _modulated(self, x_BLC: torch.Tensor, scale: torch.Tensor, unit, shift: torch.Tensor,
-                   consumer: nn.Module) -> torch.Tensor:
-        """``LN(x)(unit+scale)+shift``; an int8 ``consumer`` may instead return its 8-bit input from one fused kernel."""
-        scale_unit = scale.add(unit)
-        fused = getattr(consumer, "adaln_input", None)
-        q = fused(x_BLC, scale_unit, shift, self.norm_eps) if fused is not None else None
-        return q if q is not None else self._norm(x_BLC).mul(scale_unit).add_(shift)
-
     def forward(self, x_BLC: torch.Tensor, mod_B16C: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mod_B16C.unbind(2)
-        unit1, unit2 = getattr(self, "aln_unit1", 1), getattr(self, "aln_unit2", 1)
-        x_BLC = x_BLC + self.attn(self._modulated(x_BLC, scale1, unit1, shift1, self.attn.mat_qkv), ctx).mul_(gamma1)
-        return x_BLC + self.ffn(self._modulated(x_BLC, scale2, unit2, shift2, self.ffn.fc1)).mul(gamma2)
-
-    def fold_input_affine(self, branch: str, shift: torch.Tensor, scale: torch.Tensor) -> None:
-        """Make the AdaLN output feeding ``branch`` ("attn" or "ffn") become ``(X - shift) / scale``.
-
-        The "1" of ``(1 + scale)`` becomes the per-channel buffer ``aln_unit1``/``aln_unit2``.
-        """
-        if self.shared_aln:
-            raise ValueError("input transforms cannot be folded into a shared AdaLN (d36-style models)")
-        k = {"attn": 0, "ffn": 1}[branch]
-        _fold_affine(self, self.ada_lin[1], f"aln_unit{k + 1}", (2 + k, 4 + k), shift, scale)
+        x_BLC = x_BLC + self.attn(self.norm1(x_BLC, scale1, shift1), ctx).mul_(gamma1)
+        return x_BLC + self.ffn(self.norm2(x_BLC, scale2, shift2)).mul(gamma2)
 
 
 class AdaLNHead(nn.Module):
@@ -87,7 +81,7 @@ class AdaLNHead(nn.Module):
     def __init__(self, cfg: VARConfig) -> None:
         super().__init__()
         self.width = cfg.width
-        self.norm_eps = cfg.norm_eps
+        self.norm = ModulatedNorm(cfg.width, cfg.norm_eps)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 2 * cfg.width))
 
     def modulation(self, cond_BD: torch.Tensor) -> torch.Tensor:
@@ -95,32 +89,7 @@ class AdaLNHead(nn.Module):
 
     def forward(self, x_BLC: torch.Tensor, mod_B12C: torch.Tensor) -> torch.Tensor:
         scale, shift = mod_B12C.unbind(2)
-        unit = getattr(self, "aln_unit", 1)
-        return F.layer_norm(x_BLC, (self.width,), eps=self.norm_eps).mul(scale.add(unit)).add_(shift)
-
-    def fold_input_affine(self, shift: torch.Tensor, scale: torch.Tensor) -> None:
-        """Make the output become ``(X - shift) / scale`` (see :meth:`AdaLNBlock.fold_input_affine`)."""
-        _fold_affine(self, self.ada_lin[1], "aln_unit", (0, 1), shift, scale)
-
-
-@torch.no_grad()
-def _fold_affine(owner: nn.Module, ada_lin: nn.Linear, unit_name: str, rows: tuple[int, int],
-                 shift: torch.Tensor, scale: torch.Tensor) -> None:
-    """``LN(x) * (unit + s) + b  ->  LN(x) * (unit + s) / scale + (b - shift) / scale`` by editing the rows of the
-    modulation Linear that produce ``s`` (chunk ``rows[0]``) and ``b`` (chunk ``rows[1]``)."""
-    C = owner.width
-    weight, bias = ada_lin.weight, ada_lin.bias
-    scale32, shift32 = scale.float(), shift.float()
-    for chunk, subtract in ((rows[0], None), (rows[1], shift32)):
-        r = slice(chunk * C, (chunk + 1) * C)
-        weight[r] = (weight[r].float() / scale32[:, None]).to(weight.dtype)
-        b = bias[r].float() if subtract is None else bias[r].float() - subtract
-        bias[r] = (b / scale32).to(bias.dtype)
-    unit = getattr(owner, unit_name, None)
-    unit32 = torch.ones(C) if unit is None else unit.float()
-    if unit is None:
-        owner.register_buffer(unit_name, torch.empty(C, dtype=weight.dtype, device=weight.device))
-    getattr(owner, unit_name).copy_(unit32.to(weight.device) / scale32.to(weight.device))
+        return self.norm(x_BLC, scale, shift)
 
 
 class VAR(nn.Module):

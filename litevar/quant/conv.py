@@ -26,9 +26,13 @@ ROUND_CHUNK = 2 ** 18  # elements rounded per ATen call: a 1 MiB float32 copy, r
 
 @functools.cache
 def onednn_int8_conv_available() -> bool:
-    """oneDNN's int8 convolution (``onednn::qconv2d_pointwise``) exists in this PyTorch build."""
+    """oneDNN's int8 convolution (``onednn::qconv2d_pointwise``) exists in this PyTorch build and computes exactly
+    on this CPU (see :func:`~litevar.quant.runtime.int8_dot_exact`)."""
+    from .runtime import int8_dot_exact
+
     ops = torch.ops.onednn
-    return torch.backends.mkldnn.is_available() and hasattr(ops, "qconv2d_pointwise") and hasattr(ops, "qconv_prepack")
+    return (torch.backends.mkldnn.is_available() and hasattr(ops, "qconv2d_pointwise")
+            and hasattr(ops, "qconv_prepack") and int8_dot_exact())
 
 
 def quantize_activation(x: torch.Tensor, scale: float, zero: int) -> torch.Tensor:

@@ -53,6 +53,20 @@ def _block(var: nn.Module, name: str) -> nn.Module:
     return var.blocks[int(name.split(".")[1])]
 
 
+def _fold_into_adaln(var: nn.Module, name: str, kind: str, shift: torch.Tensor, scale: torch.Tensor) -> None:
+    """Make the AdaLN output feeding layer ``name`` become ``(X - shift) / scale``."""
+    from .fusions import fold_adaln_input
+
+    if kind == "head":
+        fold_adaln_input(var.head_nm.norm, var.head_nm.ada_lin[1], (0, 1), shift, scale)
+        return
+    block = _block(var, name)
+    if block.shared_aln:
+        raise ValueError("input transforms cannot be folded into a shared AdaLN (d36-style models)")
+    k = {"attn": 0, "ffn": 1}[_FOLDABLE[kind]]
+    fold_adaln_input((block.norm1, block.norm2)[k], block.ada_lin[1], (2 + k, 4 + k), shift, scale)
+
+
 @torch.no_grad()
 def absorb_input_transform(var: nn.Module, name: str, shift: torch.Tensor | None, scale: torch.Tensor | None) -> None:
     """Make layer ``name`` see ``(X - shift) / scale`` with the model function unchanged: the AdaLN before it
@@ -68,10 +82,7 @@ def absorb_input_transform(var: nn.Module, name: str, shift: torch.Tensor | None
     C = linear.weight.shape[1]
     shift = torch.zeros(C) if shift is None else shift.float().cpu()
     scale = torch.ones(C) if scale is None else scale.float().cpu()
-    if kind == "head":
-        var.head_nm.fold_input_affine(shift, scale)
-    else:
-        _block(var, name).fold_input_affine(_FOLDABLE[kind], shift, scale)
+    _fold_into_adaln(var, name, kind, shift, scale)
     weight32 = linear.weight.float()
     added_bias = weight32 @ shift.to(weight32.device)
     linear.weight.copy_(weight32 * scale.to(weight32.device))

@@ -9,21 +9,38 @@ The fake-quant :class:`QuantLinear` with the same parameters is the oracle (test
 from __future__ import annotations
 
 import functools
+import platform
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .kernels import adaln_quantize, quantize_static
+from .kernels import quantize_static
 from .modules import ActQuantizer, QuantLinear
 from .primitives import QuantSpec, quantize_weight
 from .weight_only import WeightOnlyInt4Linear, WeightOnlyInt8Linear
 
 
 @functools.cache
+def int8_dot_exact() -> bool:
+    """The CPU has an exact 8-bit dot product for oneDNN (VNNI or AMX). x86 CPUs with AVX2 only run oneDNN's
+    u8 x s8 kernels through ``vpmaddubsw``, which saturates pair sums at int16: measured here (AVX2 EPYC) as
+    errors of ~20% of the output range in a few elements. Elsewhere than x86 this is not checked."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return True
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+@functools.cache
 def onednn_int8_available() -> bool:
-    """oneDNN int8 Linear kernels exist in this PyTorch build."""
+    """oneDNN int8 Linear kernels exist in this PyTorch build and compute exactly on this CPU."""
     ops = torch.ops.onednn
-    return torch.backends.mkldnn.is_available() and hasattr(ops, "qlinear_pointwise") and hasattr(ops, "qlinear_prepack")
+    return (torch.backends.mkldnn.is_available() and hasattr(ops, "qlinear_pointwise")
+            and hasattr(ops, "qlinear_prepack") and int8_dot_exact())
 
 
 def check_int8_execution(config) -> None:
@@ -142,17 +159,6 @@ class Int8Linear(nn.Module):
             return None
         scales, zeros, _, _ = self._cached_qparams()
         return scales[group], zeros[group]
-
-    def adaln_input(self, x: torch.Tensor, scale_unit: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor | None:
-        """This layer's 8-bit input ``quantize(LN(x) * scale_unit + shift)`` from one fused kernel (the AdaLN
-        before ``mat_qkv``/``fc1``), or None where that does not apply; :meth:`forward` takes the result."""
-        if not (self.act.static and x.dim() == 3 and x.device.type == "cpu" and onednn_int8_available()):
-            return None
-        group = self.act.groups.call_group(x.shape[-2])
-        if group is None:
-            return None
-        _, _, scales, zeros = self._cached_qparams()
-        return adaln_quantize(x, scale_unit, shift, scales[group], zeros[group], self.act.spec, eps)
 
     def _quantized_input(self, x: torch.Tensor) -> tuple[torch.Tensor, float, int] | None:
         """``(q [M, K], scale, zero)`` for a static call (an integer ``x`` is already on this layer's grid)."""

@@ -261,6 +261,10 @@ def replace_linears(pipe, config: QuantConfig, layers: dict[str, torch.nn.Module
 
             module = to_runtime(module)
         var.set_submodule(name, module)
+    if config.execution == "int8":
+        from .fusions import install_int8_fusions
+
+        install_int8_fusions(var)
 
 
 def fold_transforms(pipe, stats: dict[str, InputStats], transforms: dict[str, tuple]) -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import litevar
+from litevar.models.var import ModulatedNorm
 from litevar.quant.layers import LAYER_TYPES
 from litevar.quant.methods import PTQ4ARVGConfig, RTNConfig
 from litevar.quant.modules import ActQuantizer, QuantLinear
@@ -64,8 +65,8 @@ def test_every_method_runs_as_a_recipe_step_and_stays_close_to_dense(ref_dir, de
     for quantizer in static:
         assert torch.isfinite(quantizer.lo).all() and torch.isfinite(quantizer.hi).all()
         assert (quantizer.lo <= 0).all() and (quantizer.hi > 0).all() and (quantizer.hi > quantizer.lo).all()
-    folded = [m for m in pipe.var.modules() if any(n.startswith("aln_unit") for n, _ in m.named_buffers(recurse=False))]
-    assert len(folded) == (len(pipe.var.blocks) + 1 if method in FOLDING else 0)
+    folded = [m for m in pipe.var.modules() if isinstance(m, ModulatedNorm) and m.unit is not None]
+    assert len(folded) == (2 * len(pipe.var.blocks) + 1 if method in FOLDING else 0)  # before mat_qkv, fc1, head
     if method == "rotation":
         assert all(m.rotate for m in layers.values())
     if method == "ptq4arvg":

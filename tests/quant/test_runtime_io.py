@@ -71,7 +71,8 @@ def test_int8_execution_refuses_what_it_cannot_run(tiny_pipe):
 
 
 @pytest.mark.parametrize("step", [
-    {"type": "ptq4arvg", "w_symmetric": True, "execution": "int8", "calib_samples": 2, "rows_per_group": 16},
+    pytest.param({"type": "ptq4arvg", "w_symmetric": True, "execution": "int8", "calib_samples": 2,
+                  "rows_per_group": 16}, marks=pytest.mark.slow),
     {"type": "smoothquant", "w_bits": 6, "a_bits": 6, "calib_samples": 2, "rows_per_group": 16},
     {"type": "rtn", "w_symmetric": True, "a_bits": None, "execution": "int8"},
 ])
@@ -99,6 +100,7 @@ def test_fused_fc1_gelu_fc2_matches_unfused():
     if not onednn_int8_available():
         pytest.skip("no oneDNN int8 kernels in this build")
     from litevar.models.var import FFN
+    from litevar.quant.fusions import Int8GeluFFN
 
     torch.manual_seed(3)
     ffn = FFN(32, 128)
@@ -107,6 +109,7 @@ def test_fused_fc1_gelu_fc2_matches_unfused():
     act2.set_ranges(torch.tensor([-0.2, -0.17]), torch.tensor([2.0, 3.0]))
     fc2 = QuantLinear(ffn.fc2.weight, ffn.fc2.bias, QuantSpec(8, True, "channel"), act2)
     ffn.fc1, ffn.fc2 = Int8Linear.from_quant_linear(fc1), Int8Linear.from_quant_linear(fc2)
+    ffn = Int8GeluFFN(ffn)
     x = torch.randn(2, 9, 32)
     fused = ffn(x)
     assert ffn.fc1.gelu_into(x, ffn.fc2) is not None
