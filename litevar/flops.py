@@ -16,8 +16,11 @@ attention is listed in ``uncounted`` so nothing is missed silently.
 
 Buckets: ``attention`` (SDPA kernels, and anything run inside ``count_as("attention")``), ``linear``
 (matmul-family kernels elsewhere), ``decoder`` (everything inside a module tracked as the decoder: the
-VQ-VAE decoder and ``post_quant_conv`` in :func:`count_generation_flops`), ``other`` (convolutions outside
-the decoder, e.g. the quantizer's Phi convolutions during sampling).
+VQ-VAE decoder and ``post_quant_conv`` in :func:`litevar.eval.generation_flops.count_generation_flops`),
+``other`` (convolutions outside the decoder, e.g. the quantizer's Phi convolutions during sampling).
+
+This module knows nothing of the model: attention kernels register their formulas here, and the per-generation
+report, which reads the model's attention context, lives in :mod:`litevar.eval.generation_flops`.
 """
 from __future__ import annotations
 
@@ -26,15 +29,13 @@ import contextvars
 import math
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
-
-from .attention.context import AttnContext
 
 BUCKETS = ("attention", "linear", "decoder", "other")
 Formula = Callable[[tuple, dict, Any], int]
@@ -92,6 +93,20 @@ def count_as(bucket: str) -> Iterator[None]:
         yield
     finally:
         _COUNT_AS.reset(token)
+
+
+def run_counted(fn: Callable[[], Any], flops: int, bucket: str = "attention") -> Any:
+    """Run ``fn`` (e.g. a higher-order op such as FlexAttention, which dispatch modes cannot trace) outside any
+    active :class:`FlopCounter`, and credit it ``flops`` (computed by the caller from what the kernel runs)."""
+    from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
+
+    counter = _get_current_dispatch_mode()
+    if not isinstance(counter, FlopCounter):
+        return fn()
+    with _disable_current_modes():
+        out = fn()
+    counter._add("external", bucket, flops)
+    return out
 
 
 def _first_tensor(out: Any) -> torch.Tensor:
@@ -275,52 +290,3 @@ class FlopCounter(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.totals.values())
-
-
-def _per(value: int, n: int) -> int | float:
-    return value // n if value % n == 0 else value / n
-
-
-def count_generation_flops(pipe, labels: Sequence[int], seeds: Sequence[int], **sampling: Any) -> dict[str, Any]:
-    """FLOPs per image of one ``pipe.generate`` call (both CFG halves are computed), by bucket and by scale.
-
-    Args:
-        pipe: a :class:`litevar.Pipeline`.
-        labels: class ids, one per image.
-        seeds: one seed per image.
-        **sampling: cfg / top_k / top_p / more_smooth (None or missing: ``pipe.sampling``).
-
-    Returns:
-        ``{"attention", "linear", "decoder", "other", "total"}`` FLOPs per image, ``per_scale`` (a list of
-        ``{"attention", "linear", "other"}`` per image; scale s holds the work from the start of its transformer
-        pass to the next one's, the decoder excluded), ``ops`` (per-op calls and FLOPs for the whole batch),
-        ``uncounted`` (matmul-like ops with no formula, with call counts) and ``images``.
-
-    Example:
-        >>> flops = count_generation_flops(pipe, [0], [0])  # doctest: +SKIP
-        >>> flops["linear"], flops["decoder"]  # doctest: +SKIP
-    """
-    counter = FlopCounter()
-    counter.scale = 0
-    handles = counter.track_module(pipe.vae.decoder, "decoder") + counter.track_module(pipe.vae.post_quant_conv, "decoder")
-
-    def on_block(module, args, kwargs):
-        ctx = next((a for a in (*args, *kwargs.values()) if isinstance(a, AttnContext)), None)
-        if ctx is not None and ctx.scale_index is not None:
-            counter.scale = ctx.scale_index
-
-    handles.append(pipe.var.blocks[0].register_forward_pre_hook(on_block, with_kwargs=True))
-    try:
-        with counter:
-            out = pipe.generate(list(labels), seed=list(seeds), progress=False, **sampling)
-    finally:
-        for handle in handles:
-            handle.remove()
-    n = out.images.shape[0]
-    report: dict[str, Any] = {bucket: _per(counter.totals[bucket], n) for bucket in BUCKETS}
-    report["total"] = _per(counter.total, n)
-    report["per_scale"] = [{b: _per(v, n) for b, v in counter.per_scale[s].items()} for s in sorted(counter.per_scale)]
-    report["ops"] = {name: dict(rec) for name, rec in sorted(counter.by_op.items())}
-    report["uncounted"] = [{"op": name, "calls": calls} for name, calls in sorted(counter.uncounted.items())]
-    report["images"] = n
-    return report

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..flops import count_as
+from ..flops import count_as, run_counted
 from .interval import IntervalLayout, interval_attention
 from .native import interval_kernel_supports
 from .sparse import DENSE_ABOVE, GatheredLayout, gathered_attention
@@ -67,12 +67,18 @@ def flex_available() -> bool:
 
 
 def _flex_attention(q, k, v, scale: float, keep_HlL: torch.Tensor) -> torch.Tensor:
+    """FlexAttention with a block mask from the keep mask; FLOPs counted as the blocks it computes."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     keep = keep_HlL.to(q.device)
     H, l, L = keep.shape
     block_mask = create_block_mask(lambda b, h, qi, ki: keep[h, qi, ki], None, H, l, L, device=q.device)
-    return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+    blocks = int(block_mask.kv_num_blocks.sum())
+    if block_mask.full_kv_num_blocks is not None:
+        blocks += int(block_mask.full_kv_num_blocks.sum())
+    pairs = min(blocks * min(block_mask.BLOCK_SIZE[0], l) * min(block_mask.BLOCK_SIZE[1], L), H * l * L)
+    flops = 4 * q.shape[0] * pairs * q.shape[-1]  # QK^T and PV over the computed blocks, 2 FLOPs per multiply-add
+    return run_counted(lambda: flex_attention(q, k, v, block_mask=block_mask, scale=scale), flops)
 
 
 class KernelDispatcher:

@@ -11,6 +11,8 @@ from litevar.attention.interval import IntervalLayout, interval_attention
 from litevar.attention.native import interval_kernel_available
 from litevar.attention.windows import FULL, WindowPlan
 
+pytestmark = pytest.mark.slow  # builds the C++ extension on first use (~20 s on 2 cores)
+
 if shutil.which("c++") is None:
     pytest.skip("no C++ compiler: the compiled kernel cannot be built here", allow_module_level=True)
 
@@ -131,3 +133,26 @@ def test_dispatcher_picks_the_kernel_by_capability_and_density(monkeypatch):
     monkeypatch.setattr(dispatch, "interval_kernel_supports", lambda q: False)  # not built here
     assert ran(windowed, q) == "gathered"
 
+
+
+@pytest.mark.slow
+def test_flex_kernel_equals_masked_and_counts_its_blocks():
+    """FlexAttention (eager on CPU; compiled on CUDA) with the plan's block mask: the masked result, and FLOPs
+    credited from the blocks it computes (never more than dense)."""
+    from litevar.attention.components import WindowSelection
+    from litevar.attention.dispatch import KernelDispatcher, flex_available
+    from litevar.flops import FlopCounter
+
+    if not flex_available():
+        pytest.skip("no FlexAttention in this PyTorch")
+    plan = WindowPlan((1, 2, 4, 8), torch.full((1, 2, 4, 4), 2, dtype=torch.int32), "raster",
+                      full_query_scales=2, kept_key_scales=1)
+    q, kv = torch.randn(2, 2, 64, 16), torch.randn(2, 2, 85, 16)
+    selection = WindowSelection(plan)
+    masked = KernelDispatcher("masked").attend(0, 3, q, kv, kv, 0.5, selection)
+    flex = KernelDispatcher("flex")
+    with FlopCounter() as counter:
+        out = flex.attend(0, 3, q, kv, kv, 0.5, selection)
+    torch.testing.assert_close(out, masked, atol=1e-5, rtol=1e-5)
+    assert flex.trace[(0, 3)] == "flex"
+    assert 0 < counter.totals["attention"] <= 4 * 2 * 2 * 64 * 85 * 16
