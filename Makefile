@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install test bench bench-default eval-default attention-default quant-default clean data default-model demo quality
+.PHONY: install test test-fast bench bench-default eval-default attention-default quant-default clean data default-model demo quality
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,13 @@ install: $(BIN)/.installed
 test: $(BIN)/.installed
 	-@$(MAKE) --no-print-directory data
 	$(BIN)/python -m pytest -q tests
+
+# The fast tier (under 2 min on 2 cores): everything but the tests marked slow (C++ extension build,
+# torch.compile, spawned processes, the longest runs); `make test` runs those too. LITEVAR_NATIVE=0: sparse
+# attention takes the pure-PyTorch kernel, so no test builds the C++ one (~20 s on a fresh machine).
+test-fast: $(BIN)/.installed
+	-@$(MAKE) --no-print-directory data
+	LITEVAR_NATIVE=0 $(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_sampling.py --model var-d16 --dtypes bf16 fp32 --batches 8 1 \

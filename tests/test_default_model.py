@@ -24,6 +24,7 @@ def test_default_model_card_and_config(default_pipe):
     assert default_pipe.class_names[9] == "Ankle boot"
 
 
+@pytest.mark.slow
 def test_default_samples_are_their_class(default_pipe):
     out = default_pipe.generate(CLASSES * 2, seed=list(range(20)), progress=False)
     assert out.images.shape == (20, 3, 32, 32)

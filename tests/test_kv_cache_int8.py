@@ -58,7 +58,7 @@ def test_bytes_are_about_half_of_a_bf16_cache():
     assert int8.max_len == 100 and int8.nbytes() == 2 * 2 * 4 * 30 * (D + 2)
 
 
-@pytest.fixture(scope="module", params=["fp32", "bf16"])
+@pytest.fixture(scope="module", params=["fp32", pytest.param("bf16", marks=pytest.mark.slow)])
 def tiny(ref_dir, request):
     return litevar.load_pipeline(ref_dir / "tiny_var.pth", ref_dir / "tiny_vae.pth",
                                  config=ref_dir / "tiny_config.json", dtype=request.param)

@@ -155,6 +155,7 @@ print(aten_int4_packing(), float((fast - q(x)).abs().max()))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(aten_int4_packing() is None, reason="no ATen int4 CPU kernel")
 @pytest.mark.parametrize("capability", ["AVX2", "DEFAULT"])
 def test_int4_layout_is_detected_under_other_cpu_capabilities(capability):

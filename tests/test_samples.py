@@ -133,6 +133,7 @@ def test_seeds_do_not_depend_on_batch_size(tmp_path, ref_dir):
         assert np.abs(png(a).astype(np.int16) - png(b).astype(np.int16)).max() <= 2
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
 def test_torchrun_two_processes_match_one_process_bytewise(tmp_path, model_args):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",

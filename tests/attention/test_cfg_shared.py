@@ -97,6 +97,7 @@ def test_similarity_is_measured_and_in_range(tiny_pipe):
     assert isinstance(tiny_pipe.var.blocks[0].attn.processor, DenseAttnProcessor)
 
 
+@pytest.mark.slow
 def test_recipe_steps_compose_and_check_the_plan(tmp_path, ref_dir, tiny_pipe):
     args = dict(var_ckpt=ref_dir / "tiny_var.pth", vae_ckpt=ref_dir / "tiny_vae.pth", config=ref_dir / "tiny_config.json")
     stats = collect_stats(tiny_pipe, samples=2, batch_size=2, progress=False)

@@ -107,6 +107,7 @@ def test_attention_maps_are_mean_probabilities_and_processors_are_restored(tiny_
     assert all(a is b for a, b in zip(before, [block.attn.processor for block in tiny_pipe.var.blocks]))
 
 
+@pytest.mark.slow
 def test_analyze_writes_figures_and_similarity(calibrated, tmp_path, model_args):
     out = tmp_path / "analysis"
     assert main(["analyze-attention", *model_args, "--samples", "2", "--batch-size", "2", "--layers", "0,1",

@@ -27,6 +27,7 @@ def reports(ref_dir):
     return {name: bench.run_bench(name, "fp32", **common) for name in ("fp32", "bf16")}
 
 
+@pytest.mark.slow
 def test_report_has_every_key(reports):
     report = reports["bf16"]
     assert report["litevar_bench"] == 1
@@ -46,6 +47,7 @@ def test_report_has_every_key(reports):
     assert report["settings"]["batch"] == 2 and report["settings"]["threads"] == 1
 
 
+@pytest.mark.slow
 def test_ratios_are_dense_over_candidate(reports):
     report = reports["bf16"]
     d, c, r = report["dense"], report["candidate"], report["ratios"]
@@ -58,6 +60,7 @@ def test_ratios_are_dense_over_candidate(reports):
         assert d["flops"][key] == c["flops"][key], key
 
 
+@pytest.mark.slow
 def test_fp32_against_fp32_does_equal_work(reports):
     report = reports["fp32"]
     d, c = report["dense"], report["candidate"]
@@ -67,6 +70,7 @@ def test_fp32_against_fp32_does_equal_work(reports):
     assert report["ratios"]["kv_cache_bytes"] == 1.0
 
 
+@pytest.mark.slow
 def test_table_and_plot(reports, tmp_path):
     table = bench.format_table(reports["bf16"])
     assert "GFLOP/img attention" in table and "dense/cand" in table
@@ -93,6 +97,7 @@ def test_cli_writes_json_png_and_table(ref_dir, tmp_path, capsys, monkeypatch):
     assert "throughput, batch 1" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_variant_runs_in_its_own_spawned_process(ref_dir):
     spec = {**{k: str(v) for k, v in tiny_args(ref_dir).items()}, "shape": None, "device": "cpu", "threads": 1,
             "batch": 1, "repeats": 1, "warmup": 0, "seed": 0, "sampling": {}, "recipe": Recipe(dtype="fp32")}

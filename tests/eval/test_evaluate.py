@@ -30,6 +30,7 @@ def test_dense_against_itself_is_the_identity(tiny_args):
     assert fid["fd_to_reference"] == 0.0
 
 
+@pytest.mark.slow
 def test_bf16_diverges_a_little(tiny_args):
     fid = _run("bf16", tiny_args)["fidelity"]
     assert 0 < fid["kl_mean"] < 1e-3
@@ -75,6 +76,7 @@ def _image_folder(root, size):
     return root
 
 
+@pytest.mark.slow
 def test_report_with_data_json_markdown_and_compare(tmp_path, tiny_args, tiny_pipe):
     data = _image_folder(tmp_path / "data", tiny_pipe.config.vae.image_size)
     report = _run("bf16", tiny_args, data=str(data))

@@ -127,6 +127,7 @@ def test_non_state_dict_and_missing_file(tmp_path, ref_dir):
         litevar.load_pipeline(ref_dir / "tiny_var.pth")
 
 
+@pytest.mark.slow
 def test_hub_name_offline_says_which_files(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
     code = "import litevar\ntry:\n    litevar.load_pipeline('var-d20')\nexcept litevar.CheckpointError as e:\n    print(e)"

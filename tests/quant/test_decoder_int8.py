@@ -97,6 +97,7 @@ def test_flop_counter_counts_the_int8_kernel():
     assert counter.totals["other"] == 2 * out.numel() * 32 * 9 and not counter.uncounted
 
 
+@pytest.mark.slow
 def test_calibrated_decoder_close_to_float(ref_dir):
     pipe = fresh(ref_dir)
     out = pipe.generate([1, 5, 7], seed=[0, 1, 2], progress=False)  # evaluation seeds, apart from calibration's
@@ -107,6 +108,7 @@ def test_calibrated_decoder_close_to_float(ref_dir):
     assert psnr(images, out.images) > 28
 
 
+@pytest.mark.slow
 def test_range_rules_clip_inside_the_observed_range(ref_dir):
     pipe = fresh(ref_dir)
     tokens = [pipe.generate([0, 1], seed=[100000, 100001], progress=False).tokens]
@@ -154,6 +156,7 @@ def test_skip_pattern_matching_nothing_is_refused(ref_dir):
         apply_recipe(fresh(ref_dir), load_recipe({"dtype": "bf16", "steps": [{**ALL, "skip": ["up.9.*"]}]}))
 
 
+@pytest.mark.slow
 def test_save_load_round_trip_with_transformer_quantization(ref_dir, tmp_path, monkeypatch):
     monkeypatch.setattr("litevar.quant.kernels._compiled", lambda: None)  # the unfused AdaLN path: no compiling
     steps = [{"type": "stwq", "w_symmetric": True, "execution": "int8", "calib_samples": 2, "rows_per_group": 16},

@@ -41,6 +41,7 @@ def _needs_fused():
         pytest.skip("the compiled fused kernel or oneDNN int8 is unavailable here")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("symmetric", [True, False])
 @torch.no_grad()
 def test_fused_adaln_quantize_equals_eager(symmetric):
@@ -78,6 +79,7 @@ def _int8_block(symmetric: bool) -> AdaLNBlock:
     return block
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_block_with_fused_adaln_matches_unfused(monkeypatch, symmetric):
     _needs_fused()

@@ -67,6 +67,7 @@ def test_cli_writes_table_chart_and_a_plan_that_loads_as_a_recipe(tmp_path, cli_
     assert isinstance(pipe.var.blocks[0].ffn.fc1, QuantLinear)
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_runs_and_redoes_missing_ones(tmp_path, model, generations):
     out = tmp_path / "sens"
     first = study(model, out=out)
