@@ -24,3 +24,10 @@ def reference(ref_dir):
 def tiny_pipe(ref_dir):
     import litevar
     return litevar.load_pipeline(ref_dir / "tiny_var.pth", ref_dir / "tiny_vae.pth", config=ref_dir / "tiny_config.json")
+
+
+@pytest.fixture
+def fresh_pipe(ref_dir):
+    """The tiny reference model loaded anew: for tests that configure it (recipe steps, attention components)."""
+    import litevar
+    return litevar.load_pipeline(ref_dir / "tiny_var.pth", ref_dir / "tiny_vae.pth", config=ref_dir / "tiny_config.json")
