@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..files import write_atomic
+from ..files import error_cause, reading, write_atomic
 from .probe import generate_with_processor
 from .context import AttnContext
 from .dense import DenseAttnProcessor
@@ -133,18 +133,45 @@ def save_plan(plan: WindowPlan, path: str | Path) -> None:
     write_atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(payload)))
 
 
+def _check_plan_state(state: dict[str, Any]) -> None:
+    """Refuse plan fields of the wrong type before they are built into a :class:`WindowPlan` (its own checks
+    cover shapes and values); ``windows`` must hold integers, which ``torch.tensor(..., int32)`` would not check."""
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    patch_nums = state.get("patch_nums")
+    if not isinstance(patch_nums, list) or not patch_nums or not all(is_int(p) and p >= 1 for p in patch_nums):
+        raise PlanError("patch_nums must be a list of positive integers")
+    if not all(is_int(state.get(key)) for key in ("full_query_scales", "kept_key_scales")):
+        raise PlanError("full_query_scales and kept_key_scales must be integers")
+    if not isinstance(state.get("geometry"), str):
+        raise PlanError(f"geometry must be one of {GEOMETRIES}")
+    model, meta = state.get("model"), state.get("meta")
+    if not (model is None or isinstance(model, dict)) or not isinstance(meta, dict):
+        raise PlanError("model must be an object or null, and meta an object")
+    windows = torch.tensor(state.get("windows"))
+    if windows.dtype != torch.int64 or windows.dim() != 4:
+        raise PlanError(f"windows must be integers [depth, heads, K, K], got {windows.dtype} {list(windows.shape)}")
+    if windows.numel() and int(windows.max()) > torch.iinfo(torch.int32).max:
+        raise PlanError("window widths must fit in 32 bits")
+
+
 def load_plan(path: str | Path, var=None) -> WindowPlan:
     """Read a plan file; with ``var``, refuse a plan calibrated on another model."""
     path = Path(path)
+    advice = "make a new one with `litevar calibrate-attention`"
     if not path.is_file():
-        raise PlanError(f"window plan {path} not found; make one with `litevar calibrate-attention`")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise PlanError(f"window plan {path} is not valid JSON: {err}") from None
-    if not isinstance(raw, dict) or raw.pop("litevar_window_plan", None) != PLAN_VERSION:
-        raise PlanError(f"{path} is not a litevar window plan (version {PLAN_VERSION})")
-    plan = WindowPlan.from_state(raw)
+        raise PlanError(f"window plan {path} not found; {advice}")
+    with reading(path, PlanError, "window plan", advice):
+        try:
+            raw = json.loads(path.read_text())
+        except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
+            raise PlanError(f"window plan {path} is not valid JSON ({error_cause(err)}); {advice}") from None
+        version = raw.pop("litevar_window_plan", None) if isinstance(raw, dict) else None
+        if isinstance(version, bool) or version != PLAN_VERSION:
+            raise PlanError(f"{path} is not a litevar window plan (version {PLAN_VERSION}); {advice}")
+        _check_plan_state(raw)
+        plan = WindowPlan.from_state(raw)
     if var is not None:
         plan.check_model(model_identity(var))
     return plan

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..cli_args import UsageError, add_model_args, check_writable, positive
-from ..files import write_atomic
+from ..files import reading, write_atomic
 from .calibrate import AttentionStats, collect_stats, load_plan, model_identity, save_plan
 from .windows import DROP, FULL, GEOMETRIES, WindowPlan
 
@@ -47,23 +47,40 @@ def save_stats(stats: AttentionStats, path: str | Path, collection: dict[str, An
     write_atomic(Path(path), lambda tmp: tmp.write_bytes(save(tensors, metadata=metadata)))
 
 
+def _stats_layout(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> tuple[list[int], int, int]:
+    """(patch_nums, depth, heads) of a statistics file, checked against its tensors before anything is allocated
+    for them: a corrupt header cannot ask for more than the file holds."""
+    patch_nums, depth, heads = json.loads(metadata["patch_nums"]), int(metadata["depth"]), int(metadata["heads"])
+    sides_ok = isinstance(patch_nums, list) and all(type(p) is int and p >= 1 for p in patch_nums)
+    if not sides_ok or min(depth, heads) < 1:
+        raise UsageError("patch_nums, depth or heads are malformed")
+    queries = tensors.get("queries")
+    diagonal = [tensors.get(f"hist.raster.{k}.{k}") for k in range(len(patch_nums))]
+    if (queries is None or tuple(queries.shape) != (depth, len(patch_nums))
+            or any(h is None or h.dim() != 3 or tuple(h.shape[:2]) != (depth, heads) or h.shape[2] <= p * p
+                   for h, p in zip(diagonal, patch_nums))):
+        raise UsageError("its tensors do not match its patch_nums, depth and heads")
+    return patch_nums, depth, heads
+
+
 def load_stats(path: str | Path) -> tuple[AttentionStats, dict[str, Any]]:
     """Read a file written by :func:`save_stats`: the statistics and their collection settings (incl. ``model``)."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"attention statistics {path} not found; make them with `litevar calibrate-attention`")
-    try:
+    with reading(path, UsageError, "attention statistics", "recalibrate without --from-stats"):
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise UsageError(f"{path} is not a readable safetensors file ({err}); recalibrate without --from-stats") from None
-    if metadata.get("litevar_attention_stats") != str(STATS_VERSION):
-        raise UsageError(f"{path} holds no litevar attention statistics (version {STATS_VERSION})")
-    stats = AttentionStats(json.loads(metadata["patch_nums"]), int(metadata["depth"]), int(metadata["heads"]),
-                           float(metadata["prob_floor"]))
+        if metadata.get("litevar_attention_stats") != str(STATS_VERSION):
+            raise UsageError(f"{path} holds no litevar attention statistics (version {STATS_VERSION}); recalibrate "
+                             "without --from-stats")
+        stats = AttentionStats(*_stats_layout(metadata, tensors), float(metadata["prob_floor"]))
+        collection = json.loads(metadata["collection"])
+        if not isinstance(collection, dict):
+            raise UsageError("its collection settings are not an object")
     expected = {"queries": stats.queries}
     expected |= {f"hist.{g}.{k}.{j}": h for g, blocks in stats.hist.items() for (k, j), h in blocks.items()}
     wrong = sorted(name for name, t in expected.items()
@@ -74,7 +91,7 @@ def load_stats(path: str | Path) -> tuple[AttentionStats, dict[str, Any]]:
     for geometry, blocks in stats.hist.items():
         for (k, j) in blocks:
             blocks[(k, j)] = tensors[f"hist.{geometry}.{k}.{j}"].double()
-    return stats, json.loads(metadata["collection"])
+    return stats, collection
 
 
 def plan_name(geometry: str, threshold: float) -> str:

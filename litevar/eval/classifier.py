@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..files import write_atomic
+from ..files import reading, write_atomic
 from ..train.data import ImageSet, load_fashion_mnist, random_flip, resize_batch, to_model_range
 
 DEFAULT_CLASSIFIER_PATH = Path(__file__).parent.parent / "assets" / "fashion_mnist_classifier.safetensors"
@@ -272,17 +272,24 @@ def load_classifier(path: str | Path | None = None, device: str | torch.device =
     if not path.is_file():
         raise ClassifierError(f"classifier weights {path} not found; train them with "
                               f"`python -m litevar.eval.classifier --out {path}`")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    if metadata.get("format") != FORMAT:
-        raise ClassifierError(f"{path} is not a litevar Fashion-MNIST classifier (format "
-                              f"{metadata.get('format')!r}, expected {FORMAT!r}); retrain it with train_classifier")
-    model = FashionClassifier(json.loads(metadata["widths"]), int(metadata["num_classes"]))
-    try:
-        model.load_state_dict(load_file(str(path)))
-    except RuntimeError as err:
-        raise ClassifierError(f"{path} does not match FashionClassifier ({err}); "
-                              "retrain it with train_classifier") from None
+    with reading(path, ClassifierError, "classifier weights", "retrain them with train_classifier"):
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise ClassifierError(f"{path} is not a litevar Fashion-MNIST classifier (format "
+                                  f"{metadata.get('format')!r}, expected {FORMAT!r}); retrain it with train_classifier")
+        state = load_file(str(path))
+        widths, num_classes = json.loads(metadata["widths"]), int(metadata["num_classes"])
+        if not isinstance(widths, list) or not all(type(w) is int for w in widths) or num_classes < 1:
+            raise ClassifierError("its widths or num_classes metadata are malformed")
+        with torch.device("meta"):  # sizes from the metadata, checked against the tensors before any allocation
+            expected = {k: v.shape for k, v in FashionClassifier(widths, num_classes).state_dict().items()}
+        wrong = sorted(k for k in expected.keys() | state.keys() if k not in state or expected.get(k) != state[k].shape)
+        if wrong:
+            raise ClassifierError(f"{path} does not match FashionClassifier (bad or missing {wrong[:3]}); "
+                                  "retrain it with train_classifier")
+        model = FashionClassifier(widths, num_classes)
+        model.load_state_dict(state)
     return model.to(device).eval()
 
 

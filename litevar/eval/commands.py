@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import write_atomic
+from ..files import FileFormatError, read_npz, reading, write_atomic
 from .quality import FEATURE_SIZE
 
 
@@ -40,9 +40,14 @@ def _generated_images(pipe, args: argparse.Namespace, sampling: dict, out: Path)
     settings = {"per_class": args.per_class, "seed": args.seed, "dtype": args.dtype, **sampling}
     path = out / f"{_generated_name(sampling)}.npz"
     if path.exists():
-        cached = np.load(path)
-        if json.loads(str(cached["settings"])) == settings:
-            return cached["arr_0"], cached["labels"]
+        advice = "delete it to generate the images again"
+        cached = read_npz(path, "generated-image cache", advice, ("settings",))
+        with reading(path, FileFormatError, "generated-image cache", advice):
+            if json.loads(str(cached["settings"])) == settings:
+                images, cached_labels = cached["arr_0"], cached["labels"]
+                if images.ndim != 4 or not np.array_equal(cached_labels, labels):
+                    raise ValueError("its arrays do not hold one image per label of these settings")
+                return images, cached_labels
     images = generate_set(pipe, labels, seeds, batch_size=args.batch_size, progress=not args.no_progress, **sampling)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda tmp: np.savez(open(tmp, "wb"), arr_0=images, labels=labels,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..files import json_safe, write_atomic
+from ..files import FileFormatError, json_safe, read_npz, reading, write_atomic
 from ..recipe import Recipe, build_pipeline, load_recipe
 from .bench import machine_info
 from .fidelity import FidelityAccumulator, image_fidelity
@@ -66,9 +66,15 @@ def _reference_set(pipe, weights: str, labels: np.ndarray, seeds: np.ndarray, sa
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     path = cache_dir / f"reference_{name}.npz" if cache_dir is not None else None
     if path is not None and path.exists():
-        cached = np.load(path)
         n_scales = len(pipe.config.var.patch_nums)
-        return cached["arr_0"], [cached[f"tokens_{si}"] for si in range(n_scales)], float(cached["seconds"])
+        advice = "delete it to generate the reference images again"
+        keys = ("arr_0", "seconds", *(f"tokens_{si}" for si in range(n_scales)))
+        cached = read_npz(path, "reference cache", advice, keys)
+        with reading(path, FileFormatError, "reference cache", advice):
+            images, tokens = cached["arr_0"], [cached[f"tokens_{si}"] for si in range(n_scales)]
+            if images.ndim != 4 or len(images) != len(labels) or any(len(t) != len(labels) for t in tokens):
+                raise ValueError("its arrays do not hold one image and token map per label")
+            return images, tokens, float(cached["seconds"])
     images, tokens = [], []
     start_time = time.perf_counter()
     for start in tqdm(range(0, len(labels), batch_size), desc="reference", disable=not progress):

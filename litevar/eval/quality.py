@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..files import write_atomic
+from ..files import FileFormatError, read_npy, write_atomic
 from ..train.data import ImageSet, to_model_range
 from .features import extract_features, get_extractor
 from .metrics import codebook_usage, frechet_distance, precision_recall, psnr
@@ -43,7 +43,10 @@ class FeatureCache:
             return self.memory[name]
         path = self.folder / name if self.folder is not None else None
         if path is not None and path.exists():
-            feats = np.load(path)
+            feats = read_npy(path, "feature cache", "delete it to compute the features again")
+            if feats.ndim != 2 or len(feats) != len(images_NHW3):
+                raise FileFormatError(f"feature cache {path} holds {list(feats.shape)}, not one feature row per "
+                                      f"image; delete it to compute the features again")
         else:
             feats = extract_features(self.extractor, images_NHW3, self.batch_size, progress=self.progress)
             if path is not None:

@@ -1,20 +1,22 @@
 """Checkpoint files: safe reading, strict key checks with helpful errors, config inference, hub names."""
 from __future__ import annotations
 
-import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from ..files import error_cause
 from .configs import (PRESETS, ConfigError, PipelineConfig, VARConfig, VQVAEConfig, from_name,
                       pyramid_from_lengths)
 
 HUB_REPO = "FoundationVision/var"
 HUB_VAE_FILE = "vae_ch160v4096z32.pth"
 MAX_LISTED_KEYS = 10
+MAX_SCALES = 64  # bounds what a corrupt lvl_1L can make torch.bincount allocate
 
 
 class CheckpointError(ValueError):
@@ -27,20 +29,24 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .pth or .safetensors file")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        with warnings.catch_warnings():
+            # Garbage read as a pickle names a random protocol; the error below says all there is to say.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+                state = load_file(str(path))
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as err:  # noqa: BLE001 - the parse boundary: the unpickler also raises IndexError, KeyError...
         text = str(err).strip()
         if "weights_only" in text or not text:
             reason = "truncated, corrupted, or holding objects other than tensors, which litevar never unpickles"
         else:
-            reason = text.splitlines()[0][:200]
+            reason = error_cause(err)
         raise CheckpointError(f"{path} is not a readable checkpoint ({reason}); re-download it or re-save its "
                               "state_dict") from None
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if (not isinstance(state, dict) or not state or not all(isinstance(k, str) for k in state)
+            or not all(isinstance(v, torch.Tensor) for v in state.values())):
         raise CheckpointError(f"{path} does not hold a state_dict (a flat dict of tensors); save model.state_dict()")
     return state
 
@@ -56,15 +62,24 @@ def infer_var_config(state: dict[str, torch.Tensor]) -> VARConfig:
     missing = [k for k in needed if k not in state]
     if missing:
         raise CheckpointError(f"not a VAR transformer checkpoint: missing {', '.join(missing)}{describe(state)}")
-    width, z_channels = state["word_embed.weight"].shape
-    scale_key = "blocks.0.attn.scale_mul_1H11"
-    l2 = scale_key in state
-    counts = torch.bincount(state["lvl_1L"].flatten().long()).tolist()
-    return VARConfig(
-        depth=_depth(state), width=width, heads=state[scale_key].shape[1] if l2 else max(width // 64, 1),
-        mlp_ratio=state["blocks.0.ffn.fc1.weight"].shape[0] / width, shared_aln="shared_ada_lin.1.weight" in state,
-        attn_l2_norm=l2, num_classes=state["class_emb.weight"].shape[0] - 1,
-        patch_nums=pyramid_from_lengths(counts), vocab_size=state["head.weight"].shape[0], z_channels=z_channels)
+    try:
+        width, z_channels = state["word_embed.weight"].shape
+        scale_key = "blocks.0.attn.scale_mul_1H11"
+        l2 = scale_key in state
+        levels = state["lvl_1L"].flatten().long()
+        if not levels.numel() or int(levels.min()) < 0 or int(levels.max()) >= MAX_SCALES:
+            raise ValueError(f"lvl_1L must hold scale indices 0..{MAX_SCALES - 1}")
+        counts = torch.bincount(levels).tolist()
+        return VARConfig(
+            depth=_depth(state), width=width, heads=state[scale_key].shape[1] if l2 else max(width // 64, 1),
+            mlp_ratio=state["blocks.0.ffn.fc1.weight"].shape[0] / width, shared_aln="shared_ada_lin.1.weight" in state,
+            attn_l2_norm=l2, num_classes=state["class_emb.weight"].shape[0] - 1,
+            patch_nums=pyramid_from_lengths(counts), vocab_size=state["head.weight"].shape[0], z_channels=z_channels)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, IndexError, KeyError, RuntimeError, ZeroDivisionError) as err:
+        raise CheckpointError(f"a VAR transformer checkpoint with malformed tensors: its configuration cannot be "
+                              f"inferred ({error_cause(err)}); pass its config, or re-save its state_dict") from None
 
 
 def infer_vae_config(state: dict[str, torch.Tensor], patch_nums: tuple[int, ...] | None = None) -> VQVAEConfig:
@@ -73,6 +88,16 @@ def infer_vae_config(state: dict[str, torch.Tensor], patch_nums: tuple[int, ...]
     missing = [k for k in needed if k not in state]
     if missing:
         raise CheckpointError(f"not a VQ-VAE checkpoint: missing {', '.join(missing)}{describe(state)}")
+    try:
+        return _vae_config(state, patch_nums)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, IndexError, KeyError, RuntimeError, ZeroDivisionError) as err:
+        raise CheckpointError(f"a VQ-VAE checkpoint with malformed tensors: its configuration cannot be inferred "
+                              f"({error_cause(err)}); pass its config, or re-save its state_dict") from None
+
+
+def _vae_config(state: dict[str, torch.Tensor], patch_nums: tuple[int, ...] | None) -> VQVAEConfig:
     ch = state["encoder.conv_in.weight"].shape[0]
     levels = sorted({int(m.group(1)) for k in state if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
     ch_mult = tuple(state[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in levels)

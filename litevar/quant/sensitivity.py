@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cli_args import UsageError, add_model_args, add_sampling_args, check_run, check_writable, positive
-from ..files import json_safe, write_atomic
+from ..files import FileFormatError, json_safe, read_npz, reading, write_atomic
 from ..recipe import STEPS, Recipe, apply_recipe, build_pipeline, load_recipe
 from .layers import LAYER_TYPES, linear_layers
 from .sensitivity_report import bits_label, plot_sensitivity, sensitivity_markdown
@@ -219,11 +219,15 @@ def _reference(dense, labels, seeds, sampling, batch_size, out: Path | None, dig
     """The dense fp32 model's images and tokens, from OUT/reference.npz when these settings made it."""
     path = out / REFERENCE_FILE if out is not None else None
     if path is not None and path.exists() and not overwrite:
-        cached = np.load(path)
-        if str(cached["settings_sha256"]) == digest:
-            n_scales = len(dense.config.var.patch_nums)
-            return {"images": cached["images"], "tokens": [cached[f"tokens_{si}"] for si in range(n_scales)],
-                    "seconds": float(cached["seconds"])}
+        advice = "delete it (or pass --overwrite) to generate the reference again"
+        cached = read_npz(path, "reference cache", advice, ("settings_sha256",))
+        with reading(path, FileFormatError, "reference cache", advice):
+            if str(cached["settings_sha256"]) == digest:
+                n_scales = len(dense.config.var.patch_nums)
+                images, tokens = cached["images"], [cached[f"tokens_{si}"] for si in range(n_scales)]
+                if images.ndim != 4 or len(images) != len(labels) or any(len(t) != len(labels) for t in tokens):
+                    raise ValueError("its arrays do not hold one image and token map per job")
+                return {"images": images, "tokens": tokens, "seconds": float(cached["seconds"])}
     images, tokens, seconds = _generate(dense, labels, seeds, sampling, batch_size)
     if path is not None:
         arrays = {f"tokens_{si}": t for si, t in enumerate(tokens)}

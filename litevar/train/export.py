@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..files import write_atomic
+from ..files import reading, write_atomic
 
 
 def save_model(path: str | Path, state: dict[str, torch.Tensor], meta: dict, dtype: torch.dtype | None = None) -> None:
@@ -30,7 +30,10 @@ def read_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model file {path} does not exist; train it first or pass the right path")
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("litevar", "{}"))
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    with reading(path, CheckpointError, "model file", "train it again or pass the right path"):
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("litevar", "{}"))
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        if not isinstance(meta, dict):
+            raise CheckpointError("its litevar metadata is not a JSON object")
     return state, meta

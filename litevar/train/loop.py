@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..files import write_atomic
+from ..files import reading, write_atomic
 
 RUN_FILE = "run.json"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -120,11 +120,12 @@ class Trainer:
             write_atomic(run_path, lambda tmp: tmp.write_text(json.dumps(self.run, indent=1)))
         ckpt = self.out / CHECKPOINT_FILE
         if ckpt.exists() and not self.done:
-            state = torch.load(ckpt, map_location="cpu", weights_only=True)
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.step = int(state["step"])
-            self.elapsed_s = float(state["elapsed_s"])
+            with reading(ckpt, TrainingError, "training checkpoint", "delete it to train from the start"):
+                state = torch.load(ckpt, map_location="cpu", weights_only=True)
+                self.model.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.step = int(state["step"])
+                self.elapsed_s = float(state["elapsed_s"])
             self._trim_log()
 
     def _trim_log(self) -> None:

@@ -16,13 +16,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..files import write_atomic
+from ..files import reading, write_atomic
 from ..models.configs import VARConfig
 from ..models.var import VAR
 from ..models.vqvae import VQVAE
 from .data import ImageSet, to_model_range
 from .export import save_model
-from .loop import TrainConfig, Trainer
+from .loop import TrainConfig, Trainer, TrainingError
 from .vae import load_trained_vae
 
 VAR_WEIGHTS = "var.safetensors"
@@ -79,9 +79,12 @@ def cached_tokens(vae: VQVAE, vae_path: Path, data: ImageSet, progress: bool) ->
     key = f"{file_sha256(vae_path)}:{len(data)}:{hashlib.sha256(data.images.tobytes()).hexdigest()[:16]}"
     path = vae_path.parent / TOKENS_FILE
     if path.exists():
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-        if cached.get("key") == key:
-            return cached["tokens"]
+        with reading(path, TrainingError, "token cache", "delete it to tokenize the data again"):
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            if cached.get("key") == key:
+                if not isinstance(cached["tokens"], torch.Tensor) or len(cached["tokens"]) != len(data):
+                    raise TrainingError("its tokens are not one row per image")
+                return cached["tokens"]
     tokens = tokenize(vae, data, progress=progress)
     write_atomic(path, lambda tmp: torch.save({"key": key, "tokens": tokens}, tmp))
     return tokens
