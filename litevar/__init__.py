@@ -1,10 +1,15 @@
 """litevar: load, compress and measure Visual AutoRegressive (VAR) image generators."""
+from .version import __version__
+from .jobs import JobList
 from .models.configs import PRESETS, ConfigError, PipelineConfig, VARConfig, VQVAEConfig, from_name, load_config
 from .models.loading import CheckpointError
 from .pipeline import GenerationOutput, Pipeline, load_pipeline
 from .recipe import Recipe, RecipeError, build_pipeline, load_recipe
+# The recipe steps litevar ships register themselves in litevar.registry on import. Every litevar module is
+# imported after this package, so any recipe parsed anywhere sees them; the registry itself stays below them.
+from .attention import steps as _attention_steps  # noqa: F401
+from .quant import decoder as _decoder_int8, methods as _quant_methods  # noqa: F401
 
-__version__ = "0.1.0"
-__all__ = ["PRESETS", "CheckpointError", "ConfigError", "GenerationOutput", "Pipeline", "PipelineConfig",
+__all__ = ["PRESETS", "CheckpointError", "ConfigError", "GenerationOutput", "JobList", "Pipeline", "PipelineConfig",
            "Recipe", "RecipeError", "VARConfig", "VQVAEConfig", "build_pipeline", "from_name", "load_config",
            "load_pipeline", "load_recipe"]

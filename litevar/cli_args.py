@@ -4,11 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from pathlib import Path
 
 from .files import write_atomic
 
 RUN_FILE = "run.json"
+SEED_HELP = ("image i of the class-major job list (each class in turn, --per-class images each) uses seed + i: "
+             "the same images in generate, sample and eval")
 
 
 class UsageError(ValueError):
@@ -39,6 +42,13 @@ def add_sampling_args(parser: argparse.ArgumentParser, more_smooth: bool = True)
 def add_recipe_arg(parser: argparse.ArgumentParser, default: str = "fp32") -> None:
     parser.add_argument("--recipe", default=default,
                         help=f"candidate recipe: a JSON file, or a precision fp32 / bf16 / fp16 (default {default})")
+
+
+def as_flags(message: str, args: argparse.Namespace) -> str:
+    """A library error in the words of this command: each `argument` it names that the command has a flag for
+    becomes that flag (`per_class` -> --per-class); library messages quote argument names in backticks."""
+    given = vars(args)
+    return re.sub(r"`(\w+)`", lambda m: "--" + m[1].replace("_", "-") if m[1] in given else m[0], message)
 
 
 def parse_classes(text: str) -> list[int]:
@@ -73,20 +83,22 @@ def check_writable(folder: Path) -> None:
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"cannot write to output folder {folder} ({existing} is not a writable folder); "
-                         "choose another --out")
+                         "choose another `out` folder")
 
 
 def check_run(folder: Path, run: dict, overwrite: bool, pattern: str = "class*_seed*.png",
               write: bool = True) -> None:
-    """Resume only the same run; refuse to mix outputs of different settings unless ``overwrite``."""
+    """Resume only the same run; refuse to mix outputs of different settings unless ``overwrite``. Library code
+    calls it too, so its messages name the arguments `out` and `overwrite` (the CLI shows them as flags)."""
     path = folder / RUN_FILE
     if path.exists() and not overwrite:
         previous = json.loads(path.read_text())
         changed = sorted(k for k in run.keys() | previous.keys() if run.get(k) != previous.get(k))
         if changed:
             raise UsageError(f"{folder} holds outputs of a different run (differs in {', '.join(changed)}); "
-                             "use another --out, or --overwrite to replace them")
+                             "use another `out` folder, or `overwrite` to replace them")
     elif not path.exists() and not overwrite and any(folder.glob(pattern)):
-        raise UsageError(f"{folder} already holds files ({pattern}) not made by litevar; use another --out or --overwrite")
+        raise UsageError(f"{folder} already holds files ({pattern}) not made by litevar; use another `out` folder or "
+                         "`overwrite`")
     if write:
         write_atomic(path, lambda tmp: tmp.write_text(json.dumps(run, indent=1)))

@@ -1,4 +1,5 @@
-"""Training data: Fashion-MNIST (Debian ``dataset-fashion-mnist``) and image folders (one sub-folder per class).
+"""Datasets for training and evaluation: Fashion-MNIST (Debian ``dataset-fashion-mnist``) and image folders (one
+sub-folder per class).
 
 Every dataset here yields images as uint8 ``[N, H, W, 3]`` arrays plus int64 labels; ``to_model_range``
 turns a batch into the float ``[-1, 1]`` NCHW tensors the VQ-VAE works on.

@@ -111,7 +111,7 @@ def _rank_device(device: str | torch.device, local_rank: int) -> torch.device:
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but CUDA is not available; use --device cpu")
+            raise ValueError("`device` cuda was asked for but CUDA is not available; use `device` cpu")
         return torch.device("cuda", local_rank)
     return device
 

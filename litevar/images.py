@@ -10,9 +10,18 @@ from PIL import Image, ImageDraw
 from .files import write_atomic
 
 
-def to_uint8_hwc(image_3HW: torch.Tensor) -> np.ndarray:
-    """[3, H, W] in [0, 1] -> uint8 [H, W, 3] (round to nearest)."""
-    return image_3HW.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Images in [0, 1], [B, 3, H, W] or [3, H, W] of any float dtype -> uint8 numpy [B, H, W, 3] or [H, W, 3].
+
+    The one conversion every command uses (computed in float32, clamped, rounded to nearest), so a PNG, an
+    ``.npz`` and an evaluation array of the same image hold the same bytes.
+
+    Example:
+        >>> to_uint8(torch.tensor([0.0, 0.5, 1.0]).view(3, 1, 1)).tolist()
+        [[[0, 128, 255]]]
+    """
+    uint8 = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
+    return uint8.movedim(-3, -1).cpu().numpy()
 
 
 def save_png_atomic(array_HW3: np.ndarray, path: Path) -> None:

@@ -136,6 +136,9 @@ class Pipeline:
 
     def resolve_sampling(self, **given: Any) -> dict[str, Any]:
         """cfg / top_k / top_p / more_smooth: the given values, ``self.sampling`` for those missing or None."""
+        unknown = sorted(set(given) - set(self.sampling))
+        if unknown:
+            raise TypeError(f"unknown sampling settings {unknown}; the settings are {', '.join(self.sampling)}")
         return {k: default if given.get(k) is None else given[k] for k, default in self.sampling.items()}
 
     def _labels(self, labels: Any, batch_size: int | None, rng) -> torch.Tensor:
@@ -175,36 +178,34 @@ class Pipeline:
         return [torch.Generator(device=self.device).manual_seed(int(s)) for s in seed]
 
     @torch.inference_mode()
-    def generate(self, labels: Any = None, seed: int | Sequence[int] | None = None, cfg: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None, more_smooth: bool | None = None,
-                 batch_size: int | None = None, progress: bool = True, timings: bool = False,
-                 on_logits: Callable[[int, torch.Tensor], None] | None = None) -> GenerationOutput:
+    def generate(self, labels: Any = None, seed: int | Sequence[int] | None = None, *, batch_size: int | None = None,
+                 progress: bool = True, timings: bool = False,
+                 on_logits: Callable[[int, torch.Tensor], None] | None = None, **sampling: Any) -> GenerationOutput:
         """Sample images class-conditionally with classifier-free guidance.
 
         Args:
             labels: class ids (list/tensor), one int for every row (negative = unconditional), or None to draw
                 ``batch_size`` labels from the seeded generator (as upstream does).
             seed: one int (one generator for the batch: upstream's tokens) or one int per image (each image
-                its own generator: results independent of how images are batched, up to float rounding).
-            cfg: guidance strength; scale k uses ``cfg * k / (K-1)``.
-            top_k: keep the k largest logits (0: off). top_p: nucleus mass (0: off).
-            more_smooth: upstream's Gumbel-softmax token features (smoother images).
-                cfg/top_k/top_p/more_smooth left as None take ``pipe.sampling`` (the model card's
-                recommendation for the shipped model, upstream's 1.5/900/0.96 otherwise).
+                its own generator: results independent of how images are batched, up to float rounding; the
+                commands' convention, see :class:`~litevar.jobs.JobList`).
             batch_size: rows when ``labels`` is an int or None.
             progress: show a progress bar over scales.
             timings: also measure transformer / sampling / decoder seconds (and per-scale transformer time).
             on_logits: called as ``on_logits(scale_index, guided_logits_BlV)`` (float32, before top-k/top-p)
                 at every scale; it must not modify the tensor.
+            **sampling: ``cfg`` (guidance strength; scale k uses ``cfg * k / (K-1)``), ``top_k`` (keep the k
+                largest logits, 0: off), ``top_p`` (nucleus mass, 0: off), ``more_smooth`` (upstream's
+                Gumbel-softmax token features, smoother images). Missing or None take ``pipe.sampling`` (the
+                model card's recommendation for the shipped model, upstream's 1.5/900/0.96 otherwise).
 
         Example:
             >>> out = pipe.generate([207, 360], seed=0)  # doctest: +SKIP
             >>> out.images.shape, [t.shape[1] for t in out.tokens][:3]  # doctest: +SKIP
             (torch.Size([2, 3, 256, 256]), [1, 4, 9])
         """
-        chosen = self.resolve_sampling(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth)
-        cfg, top_k, top_p, more_smooth = chosen["cfg"], chosen["top_k"], chosen["top_p"], chosen["more_smooth"]
-        check_sampling_args(cfg, top_k, top_p)
+        chosen = self.resolve_sampling(**sampling)
+        check_sampling_args(chosen["cfg"], chosen["top_k"], chosen["top_p"])
         rng = self._generators(seed)
         rows = len(rng) if isinstance(rng, list) else None
         if rows is not None and batch_size is None and (labels is None or isinstance(labels, int)):
@@ -212,7 +213,7 @@ class Pipeline:
         labels_B = self._labels(labels, batch_size, rng)
         if rows is not None and rows != labels_B.numel():
             raise ValueError(f"got {rows} seeds for {labels_B.numel()} images")
-        return self._sample(labels_B, rng, cfg, top_k, top_p, more_smooth, progress, timings, on_logits)
+        return self._sample(labels_B, rng, chosen, progress, timings, on_logits)
 
     @torch.inference_mode()
     def score_tokens(self, labels: Any, tokens: Sequence[torch.Tensor], on_logits: Callable[[int, torch.Tensor], None],
@@ -237,11 +238,12 @@ class Pipeline:
                              f"{patch_nums}, got shapes {shapes}")
         cfg = self.resolve_sampling(cfg=cfg)["cfg"]
         check_sampling_args(cfg, 0, 0.0)
-        self._sample(labels_B, None, cfg, 0, 0.0, False, False, False, on_logits,
-                     forced=[t.to(self.device) for t in tokens])
+        greedy = {"cfg": cfg, "top_k": 0, "top_p": 0.0, "more_smooth": False}
+        self._sample(labels_B, None, greedy, False, False, on_logits, forced=[t.to(self.device) for t in tokens])
 
-    def _sample(self, labels_B, rng, cfg, top_k, top_p, more_smooth, progress, timings, on_logits=None,
+    def _sample(self, labels_B, rng, sampling: dict[str, Any], progress: bool, timings: bool, on_logits=None,
                 forced=None) -> GenerationOutput | None:
+        cfg, top_k, top_p, more_smooth = (sampling[k] for k in ("cfg", "top_k", "top_p", "more_smooth"))
         var, quant, vcfg = self.var, self.vae.quantize, self.config.var
         B = labels_B.shape[0]
         n_scales = len(vcfg.patch_nums)

@@ -1,15 +1,15 @@
 """Recipes: how a candidate model is made from the dense one, as data.
 
 A recipe is a precision for weights/activations plus an ordered list of transform steps (each a config
-dataclass with a handler, registered by the technique that provides it). It is saved as versioned JSON next
-to every artifact, and ``eval``/``bench``/``sample`` accept it, so a result always says what produced it.
+dataclass with a handler, registered in :mod:`litevar.registry` by the technique that provides it). It is saved
+as versioned JSON next to every artifact, and ``eval``/``bench``/``sample`` accept it, so a result always says
+what produced it.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import torch
 
 from .files import error_cause, reading
 from .pipeline import Pipeline, load_pipeline, parse_dtype, random_pipeline
+from .registry import PHASES, STEPS
 
 RECIPE_VERSION = 1
 MAX_SHOWN = 80
@@ -28,51 +29,7 @@ class RecipeError(ValueError):
     """A recipe that cannot be read or applied."""
 
 
-# Steps run phase by phase, whatever their order in the recipe (in recipe order within a phase): attention
-# configuration first (it sets components, touches no weights), then weight transforms (calibrated on the
-# model the attention steps configured), then the VQ-VAE decoder.
-PHASES = ("attention", "weights", "decoder")
-
-
-@dataclass(frozen=True)
-class _Step:
-    config_cls: type
-    handler: Callable[[Pipeline, Any], None]
-    phase: str
-
-
-STEPS: dict[str, _Step] = {}
-
-
-def register_step(type_name: str, config_cls: type, handler: Callable[[Pipeline, Any], None],
-                  phase: str = "weights") -> None:
-    """Make ``{"type": type_name, **fields}`` usable in recipes: ``handler(pipe, config_cls(**fields))``, run in
-    ``phase`` (one of :data:`PHASES`).
-
-    Example:
-        >>> @dataclasses.dataclass
-        ... class NoOp:
-        ...     pass
-        >>> register_step("no-op", NoOp, lambda pipe, cfg: None)
-    """
-    if not dataclasses.is_dataclass(config_cls):
-        raise TypeError(f"recipe step {type_name!r}: the config must be a dataclass, got {config_cls!r}")
-    if phase not in PHASES:
-        raise ValueError(f"recipe step {type_name!r}: phase must be one of {PHASES}, got {phase!r}")
-    STEPS[type_name] = _Step(config_cls, handler, phase)
-
-
-def _builtin_steps() -> None:
-    """Register the steps litevar ships (imported on first use: they import this module)."""
-    import importlib
-
-    importlib.import_module("litevar.attention.steps")
-    importlib.import_module("litevar.quant.methods")
-    importlib.import_module("litevar.quant.decoder")
-
-
 def _parse_step(raw: Any, position: int) -> Any:
-    _builtin_steps()
     if dataclasses.is_dataclass(raw) and not isinstance(raw, type):
         kind = next((name for name, s in STEPS.items() if isinstance(raw, s.config_cls)), None)
         if kind is None:

@@ -1,10 +1,12 @@
-"""``litevar sample``: class-conditional samples as PNG files plus the ``.npz`` that standard evaluators read.
+"""Generated images as files: ``litevar generate`` (PNGs, a labelled grid, optionally the tokens) and
+``litevar sample`` (PNGs plus the ``.npz`` that standard evaluators read).
 
-Image i of the job list (classes x per_class, label-major) gets seed ``seed + i`` and its own generator, so
-its seed does not depend on batching or on how many processes share the work. The unit of work is a fixed
-chunk of ``batch_size`` consecutive jobs: pixel values depend very slightly on batch composition (GEMM
-rounding), so a fixed composition makes the files byte-identical for any number of processes and across
-resumes. Another batch size gives the same seeds and tokens, with pixels equal up to float rounding.
+Both follow the job convention of :mod:`litevar.jobs`: image i of the class-major job list gets seed ``seed + i``
+and its own generator, so its seed does not depend on batching or on how many processes share the work. The
+unit of work is a fixed chunk of ``batch_size`` consecutive jobs: pixel values depend very slightly on batch
+composition (GEMM rounding), so a fixed composition makes the files byte-identical for any number of processes,
+across resumes, and between the two commands given the same flags. Another batch size gives the same seeds and
+tokens, with pixels equal up to float rounding.
 
 The ``.npz`` has the layout of OpenAI's ADM evaluator (guided-diffusion ``evaluations/evaluator.py``):
 ``arr_0`` uint8 [N, H, W, 3] in job order and ``arr_1`` int64 labels, written with a fixed zip timestamp
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -27,11 +30,13 @@ from .cli_args import (add_model_args, add_recipe_arg, add_sampling_args, check_
                        parse_classes, positive)
 from .distributed import World, process_group
 from .files import write_atomic
-from .images import grid, save_png_atomic, to_uint8_hwc
-from .pipeline import SAMPLING_DEFAULTS, Pipeline, check_sampling_args
+from .images import grid, save_png_atomic, to_uint8
+from .jobs import JobList
+from .pipeline import SAMPLING_DEFAULTS, GenerationOutput, Pipeline, check_sampling_args
 from .recipe import build_pipeline, load_recipe
 
 IMAGES_DIR = "images"
+TOKENS_DIR = ".tokens"
 GRID_FILE = "grid.png"
 GRID_COLUMNS = 8
 # The earliest time a zip entry can carry: np.savez stamps the current time, which would change the bytes.
@@ -40,34 +45,68 @@ ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 @dataclass(frozen=True)
 class SampleExport:
-    """What :func:`export_samples` wrote: the per-image PNGs (job order), the ADM ``.npz`` and the grid
-    (the last two are None on ranks other than 0), and how many images this process generated."""
+    """What :func:`export_samples` or :func:`generate_images` wrote: the per-image PNGs (job order), the grid,
+    the ADM ``.npz`` (``export_samples``) or the tokens file (``generate_images`` with ``save_tokens``), and how
+    many images this process generated. On ranks other than 0 the grid and the ``.npz`` are None."""
 
     images: list[Path]
     npz: Path | None
     grid: Path | None
     generated: int
+    tokens: Path | None = None
 
 
-def sample_jobs(classes: Sequence[int], per_class: int, seed: int = 0) -> list[tuple[int, int]]:
-    """(label, seed) of every image, label-major; image i (global index) gets seed ``seed + i``.
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run treats its output folder.
 
-    Example:
-        >>> sample_jobs([0, 3], 2, seed=10)
-        [(0, 10), (0, 11), (3, 12), (3, 13)]
-    """
-    labels = [c for c in classes for _ in range(per_class)]
-    return [(label, seed + i) for i, label in enumerate(labels)]
-
-
-def chunk_ranges(n_jobs: int, batch_size: int) -> list[range]:
-    """Chunk j holds jobs [j * batch_size, (j + 1) * batch_size): the unit of work and of resuming.
+    Args:
+        run: extra settings recorded in ``run.json`` (model, recipe, ...): a folder holding another run is refused.
+        overwrite: replace the outputs of a different run instead of refusing, and regenerate every image.
+        progress: a progress bar (rank 0 only).
 
     Example:
-        >>> chunk_ranges(5, 2)
-        [range(0, 2), range(2, 4), range(4, 5)]
+        >>> RunOptions(run={"model": "default"}, overwrite=True).overwrite
+        True
     """
-    return [range(start, min(start + batch_size, n_jobs)) for start in range(0, n_jobs, batch_size)]
+
+    run: dict[str, Any] | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class _Targets:
+    """The files of every job: a PNG each, and its tokens (a list per scale) when they are kept."""
+
+    images: list[Path]
+    tokens: list[Path] | None
+    overwrite: bool
+
+    def missing(self, i: int) -> bool:
+        if self.overwrite or not self.images[i].exists():
+            return True
+        return self.tokens is not None and not self.tokens[i].exists()
+
+    def write(self, i: int, result: GenerationOutput, row: int) -> None:
+        save_png_atomic(to_uint8(result.images[row]), self.images[i])
+        if self.tokens is not None:
+            row_tokens = [t[row].clone() for t in result.tokens]
+            write_atomic(self.tokens[i], lambda tmp: torch.save(row_tokens, tmp))
+
+
+def _check_jobs(pipe: Pipeline, jobs: JobList | None, default_per_class: int) -> JobList:
+    jobs = JobList(range(pipe.num_classes), per_class=default_per_class) if jobs is None else jobs
+    if jobs.per_class is None:
+        raise ValueError("`jobs` must be class-major (per_class) here: the grid has one row per class")
+    pipe.check_labels(jobs.classes)
+    return jobs
+
+
+def _sampling(pipe: Pipeline, sampling: dict[str, Any] | None) -> dict[str, Any]:
+    chosen = pipe.resolve_sampling(**(sampling or {}))
+    check_sampling_args(chosen["cfg"], chosen["top_k"], chosen["top_p"])
+    return chosen
 
 
 def npz_name(n: int, height: int, width: int) -> str:
@@ -119,96 +158,146 @@ def write_adm_npz(path: Path, image_paths: Sequence[Path], labels: Sequence[int]
     write_atomic(path, write)
 
 
-def _prepare(out: Path, run: dict[str, Any], overwrite: bool) -> None:
-    """Rank 0, before any work: the run guard, run.json, and temp files a killed run left behind."""
+def _prepare(out: Path, subdir: str, record: dict[str, Any], overwrite: bool) -> None:
+    """Before any work (rank 0): the run guard, run.json, and temp files a killed run left behind."""
     out.mkdir(parents=True, exist_ok=True)
-    check_run(out, run, overwrite, pattern=f"{IMAGES_DIR}/class*_seed*.png")
-    images = out / IMAGES_DIR
+    check_run(out, record, overwrite, pattern=(Path(subdir) / "class*_seed*.png").as_posix())
+    images = out / subdir
     images.mkdir(exist_ok=True)
     for stale in [*images.glob(".class*_seed*.png.tmp"), *out.glob(".samples_*.npz.tmp")]:
         stale.unlink()
 
 
-def _generate_chunks(pipe: Pipeline, jobs: list[tuple[int, int]], paths: list[Path], batch_size: int,
-                     sampling: dict[str, Any], overwrite: bool, world: World, progress: bool) -> int:
-    """Generate this rank's chunks that miss a PNG, whole; write only the missing files. Returns the count."""
-    mine = [chunk for j, chunk in enumerate(chunk_ranges(len(jobs), batch_size)) if world.owns(j)]
+def _generate_chunks(pipe: Pipeline, jobs: JobList, chunks: list[range], sampling: dict[str, Any],
+                     targets: _Targets, world: World, progress: bool) -> int:
+    """Generate this rank's chunks that miss a file, whole; write only the missing files. Returns the count."""
+    mine = [chunk for j, chunk in enumerate(chunks) if world.owns(j)]
     bar = tqdm(total=sum(len(c) for c in mine), desc="images", unit="img", disable=not (progress and world.is_main))
     written = 0
     for chunk in mine:
-        missing = [i for i in chunk if overwrite or not paths[i].exists()]
+        missing = [i for i in chunk if targets.missing(i)]
         if missing:
-            result = pipe.generate([jobs[i][0] for i in chunk], seed=[jobs[i][1] for i in chunk], progress=False,
-                                   **sampling)
+            labels, seeds = jobs.batch(chunk)
+            result = pipe.generate(labels, seed=seeds, progress=False, **sampling)
             for i in missing:
-                save_png_atomic(to_uint8_hwc(result.images[i - chunk.start]), paths[i])
+                targets.write(i, result, i - chunk.start)
             written += len(missing)
         bar.update(len(chunk))
     bar.close()
     return written
 
 
-def _finish(out: Path, jobs: list[tuple[int, int]], paths: list[Path], classes: list[int], per_class: int,
-            class_names: list[str]) -> tuple[Path, Path]:
+def _grid(paths: list[Path], jobs: JobList, class_names: list[str], columns: int) -> Image.Image:
+    """The first ``columns`` images of each class, one row per class, labelled with the class name."""
+    tiles = [_read_png(paths[k * jobs.per_class + i]) for k in range(len(jobs.classes)) for i in range(columns)]
+    return grid(tiles, columns, [class_names[c] if c >= 0 else "uncond" for c in jobs.classes])
+
+
+def _finish(out: Path, jobs: JobList, paths: list[Path], class_names: list[str]) -> tuple[Path, Path]:
     """Rank 0, after every rank is done: the ADM .npz and the grid (one row per class, <= 8 columns)."""
     absent = [p for p in paths if not p.exists()]
     if absent:
         raise ValueError(f"{len(absent)} images are missing (e.g. {absent[0]}); run the same command again")
     height, width = _read_png(paths[0]).shape[:2]
     npz = out / npz_name(len(jobs), height, width)
-    write_adm_npz(npz, paths, [label for label, _ in jobs])
-    columns = min(per_class, GRID_COLUMNS)
-    tiles = [_read_png(paths[k * per_class + i]) for k in range(len(classes)) for i in range(columns)]
-    names = [class_names[c] if c >= 0 else "uncond" for c in classes]
-    sheet = grid(tiles, columns, names)
+    write_adm_npz(npz, paths, jobs.labels.tolist())
+    sheet = _grid(paths, jobs, class_names, min(jobs.per_class, GRID_COLUMNS))
     write_atomic(out / GRID_FILE, lambda tmp: sheet.save(tmp, format="PNG"))
     return npz, out / GRID_FILE
 
 
-def export_samples(pipe: Pipeline, out: str | Path, classes: Sequence[int] | None = None, per_class: int = 50,
-                   seed: int = 0, batch_size: int = 16, sampling: dict[str, Any] | None = None,
-                   run: dict[str, Any] | None = None, overwrite: bool = False, progress: bool = True,
+def _record(options: RunOptions, jobs: JobList, batch_size: int) -> dict[str, Any]:
+    """What run.json holds: the caller's settings and everything that decides the bytes of the images."""
+    return {**(options.run or {}), "classes": list(jobs.classes), "per_class": jobs.per_class, "seed": jobs.seed,
+            "batch_size": batch_size}
+
+
+def export_samples(pipe: Pipeline, out: str | Path, jobs: JobList | None = None, batch_size: int = 16,
+                   sampling: dict[str, Any] | None = None, options: RunOptions | None = None,
                    world: World | None = None) -> SampleExport:
-    """Sample ``per_class`` images of each class to ``out/images/*.png``, then the ADM ``.npz`` and ``grid.png``.
+    """Sample the job list to ``out/images/*.png``, then the ADM ``.npz`` and ``grid.png``.
 
     Resumable: a chunk of ``batch_size`` jobs with a missing PNG is regenerated whole and only its missing
     files are written. ``out/run.json`` records the settings; a different run in ``out`` is refused unless
-    ``overwrite`` (which also regenerates every image).
+    ``options.overwrite`` (which also regenerates every image).
 
     Args:
         pipe: the pipeline (any recipe applied).
         out: output folder.
-        classes: class ids (default: every class of the model).
-        per_class: images per class.
-        seed: image i of the job list uses seed ``seed + i``.
+        jobs: a class-major :class:`~litevar.jobs.JobList` (default: 50 images of every class, seeds from 0).
         batch_size: images per chunk; the same batch size gives byte-identical files.
         sampling: cfg / top_k / top_p / more_smooth; missing or None take ``pipe.sampling``.
-        run: extra settings for run.json (model, recipe, ...).
-        overwrite: replace the outputs of a different run instead of refusing.
-        progress: a progress bar (rank 0 only).
+        options: run.json settings, overwrite and progress bar (see :class:`RunOptions`).
         world: this process's rank and world (default: a single process).
 
     Example:
-        >>> export_samples(load_pipeline(), "samples", classes=[0, 3], per_class=4)  # doctest: +SKIP
+        >>> export_samples(load_pipeline(), "samples", JobList([0, 3], per_class=4))  # doctest: +SKIP
     """
     world = world or World(device=pipe.device)
-    per_class = positive("per_class", per_class)
-    batch_size = positive("batch_size", batch_size)
-    classes = list(range(pipe.num_classes)) if classes is None else [int(c) for c in classes]
-    pipe.check_labels(classes)
-    chosen = pipe.resolve_sampling(**(sampling or {}))
-    check_sampling_args(chosen["cfg"], chosen["top_k"], chosen["top_p"])
+    options = options or RunOptions()
+    jobs = _check_jobs(pipe, jobs, 50)
+    chunks = jobs.chunks(batch_size)
+    chosen = _sampling(pipe, sampling)
     out = Path(out)
-    jobs = sample_jobs(classes, per_class, seed)
-    paths = [out / IMAGES_DIR / image_name(label, s) for label, s in jobs]
-    record = {**(run or {}), "classes": classes, "per_class": per_class, "seed": seed, "batch_size": batch_size,
-              "sampling": chosen}
-    world.run_on_main(lambda: _prepare(out, record, overwrite))
-    generated = _generate_chunks(pipe, jobs, paths, batch_size, chosen, overwrite, world, progress)
+    paths = [out / IMAGES_DIR / image_name(label, s) for label, s in jobs.pairs()]
+    record = {**_record(options, jobs, batch_size), "sampling": chosen}
+    world.run_on_main(lambda: _prepare(out, IMAGES_DIR, record, options.overwrite))
+    targets = _Targets(paths, None, options.overwrite)
+    generated = _generate_chunks(pipe, jobs, chunks, chosen, targets, world, options.progress)
     world.barrier()
-    written = world.run_on_main(lambda: _finish(out, jobs, paths, classes, per_class, pipe.class_names))
+    written = world.run_on_main(lambda: _finish(out, jobs, paths, pipe.class_names))
     npz, sheet = written if written is not None else (None, None)
     return SampleExport(paths, npz, sheet, generated)
+
+
+def _write_tokens(path: Path, token_paths: list[Path], jobs: JobList) -> None:
+    per_image = [torch.load(p, weights_only=True) for p in token_paths]
+    tokens = [torch.stack([img[si] for img in per_image]) for si in range(len(per_image[0]))]
+    payload = {"labels": torch.from_numpy(jobs.labels), "seeds": torch.from_numpy(jobs.seeds),
+               **{f"tokens.{si}": t for si, t in enumerate(tokens)}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda tmp: torch.save(payload, tmp))
+
+
+def generate_images(pipe: Pipeline, out: str | Path, jobs: JobList | None = None, batch_size: int = 16,
+                    sampling: dict[str, Any] | None = None, options: RunOptions | None = None,
+                    save_tokens: str | Path | None = None) -> SampleExport:
+    """Generate the job list to ``out/class*_seed*.png`` and a labelled ``out/grid.png`` (one row per class).
+
+    The same jobs, batch size and sampling give the same bytes as :func:`export_samples`. Resumable like it:
+    chunks with a missing file are regenerated whole and only the missing files are written.
+
+    Args:
+        pipe: the pipeline (any recipe applied).
+        out: output folder.
+        jobs: a class-major :class:`~litevar.jobs.JobList` (default: one image of every class, seeds from 0).
+        batch_size: images per chunk.
+        sampling: cfg / top_k / top_p / more_smooth; missing or None take ``pipe.sampling``.
+        options: run.json settings, overwrite and progress bar (see :class:`RunOptions`).
+        save_tokens: also write the sampled tokens of every image (``labels``, ``seeds``, ``tokens.<scale>``) to
+            this ``.pt`` file.
+
+    Example:
+        >>> generate_images(load_pipeline(), "demo", JobList(range(10), per_class=8))  # doctest: +SKIP
+    """
+    options = options or RunOptions()
+    jobs = _check_jobs(pipe, jobs, 1)
+    chunks = jobs.chunks(batch_size)
+    chosen = _sampling(pipe, sampling)
+    out = Path(out)
+    names = [image_name(label, s) for label, s in jobs.pairs()]
+    paths = [out / name for name in names]
+    tokens = [out / TOKENS_DIR / f"{name}.pt" for name in names] if save_tokens else None
+    _prepare(out, "", {**_record(options, jobs, batch_size), **chosen}, options.overwrite)
+    if tokens is not None:
+        (out / TOKENS_DIR).mkdir(exist_ok=True)
+    targets = _Targets(paths, tokens, options.overwrite)
+    generated = _generate_chunks(pipe, jobs, chunks, chosen, targets, World(device=pipe.device), options.progress)
+    sheet = _grid(paths, jobs, pipe.class_names, jobs.per_class)
+    write_atomic(out / GRID_FILE, lambda tmp: sheet.save(tmp, format="PNG"))
+    if tokens is not None:
+        _write_tokens(Path(save_tokens), tokens, jobs)
+    return SampleExport(paths, None, out / GRID_FILE, generated, Path(save_tokens) if save_tokens else None)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -222,10 +311,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
     check_writable(out)
     with process_group(args.device) as world:
         pipe = build_pipeline(recipe, args.var_ckpt, args.vae_ckpt, args.config, device=world.device)
+        jobs = JobList(range(pipe.num_classes) if classes is None else classes, args.per_class, seed=args.seed)
         run = {"recipe": recipe.to_dict(), "var_ckpt": args.var_ckpt, "vae_ckpt": args.vae_ckpt,
                "config": args.config, "device": world.device.type}
-        result = export_samples(pipe, out, classes, args.per_class, args.seed, args.batch_size, given, run,
-                                args.overwrite, not args.no_progress, world)
+        options = RunOptions(run, args.overwrite, not args.no_progress)
+        result = export_samples(pipe, out, jobs, args.batch_size, given, options, world)
         total = world.total(result.generated)
     if world.is_main:
         print(f"wrote {len(result.images)} images under {out / IMAGES_DIR} ({total} generated now, "

@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from litevar.recipe import Recipe, RecipeError, STEPS, apply_recipe, build_pipeline, load_recipe, register_step
+from litevar.recipe import Recipe, RecipeError, apply_recipe, build_pipeline, load_recipe
+from litevar.registry import STEPS, register_step
 
 
 @dataclasses.dataclass

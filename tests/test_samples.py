@@ -16,7 +16,8 @@ from litevar.cli import main
 from litevar.cli_args import image_name
 from litevar.distributed import World, env_ranks
 from litevar.recipe import build_pipeline
-from litevar.samples import chunk_ranges, export_samples, sample_jobs
+from litevar.jobs import JobList
+from litevar.samples import RunOptions, export_samples
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,9 +41,7 @@ def snapshot(folder):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_jobs_are_label_major_with_global_seeds():
-    assert sample_jobs([3, 1], 2, seed=5) == [(3, 5), (3, 6), (1, 7), (1, 8)]
-    assert chunk_ranges(5, 2) == [range(0, 2), range(2, 4), range(4, 5)]
+def test_chunks_are_dealt_round_robin():
     assert [j for j in range(5) if World(rank=1, size=2).owns(j)] == [1, 3]
 
 
@@ -50,7 +49,7 @@ def test_npz_round_trip_in_adm_layout_and_deterministic(tmp_path, model_args):
     out = tmp_path / "out"
     assert main(sample_args(model_args, out)) == 0
     npz = out / "samples_6x96x96x3.npz"
-    jobs = sample_jobs([0, 3], 3)
+    jobs = JobList([0, 3], per_class=3).pairs()
     stacked = np.stack([png(out / "images" / image_name(*job)) for job in jobs])
     with np.load(npz) as data:
         assert sorted(data.files) == ["arr_0", "arr_1"]
@@ -124,8 +123,9 @@ def test_foreign_images_are_refused(tmp_path, model_args, capsys):
 
 def test_seeds_do_not_depend_on_batch_size(tmp_path, ref_dir):
     pipe = build_pipeline("fp32", ref_dir / "tiny_var.pth", ref_dir / "tiny_vae.pth", ref_dir / "tiny_config.json")
-    one = export_samples(pipe, tmp_path / "bs1", classes=[2, 5], per_class=2, seed=7, batch_size=1, progress=False)
-    four = export_samples(pipe, tmp_path / "bs4", classes=[2, 5], per_class=2, seed=7, batch_size=4, progress=False)
+    jobs, quiet = JobList([2, 5], per_class=2, seed=7), RunOptions(progress=False)
+    one = export_samples(pipe, tmp_path / "bs1", jobs, batch_size=1, options=quiet)
+    four = export_samples(pipe, tmp_path / "bs4", jobs, batch_size=4, options=quiet)
     assert [p.name for p in one.images] == [p.name for p in four.images]
     assert one.generated == four.generated == 4
     for a, b in zip(one.images, four.images):

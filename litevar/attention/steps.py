@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..recipe import register_step
+from ..registry import register_step
 from .cfg_shared import MODES, SharingSchedule, measure_cfg_similarity
 from .components import KV_STORAGES, KVCacheSpec, WindowSelection
 from .dispatch import KERNELS

@@ -27,6 +27,7 @@ import torch
 
 from ..cli_args import UsageError, check_writable, positive, safe_name
 from ..files import write_atomic
+from ..jobs import JobList
 from ..recipe import Recipe, load_recipe
 
 BENCH_VERSION = 1
@@ -141,7 +142,7 @@ def measure_variant(spec: dict[str, Any]) -> dict[str, Any]:
             ``threads``, ``batch``, ``repeats``, ``warmup``, ``seed`` (image i uses seed + i) and ``sampling``.
     """
     from ..recipe import build_pipeline
-    from ..flops import count_generation_flops
+    from .generation_flops import count_generation_flops
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -156,8 +157,7 @@ def measure_variant(spec: dict[str, Any]) -> dict[str, Any]:
     load_s = time.perf_counter() - start
     sampling = pipe.resolve_sampling(**spec["sampling"])
     batch = spec["batch"]
-    labels = [i % pipe.num_classes for i in range(batch)]
-    seeds = [spec["seed"] + i for i in range(batch)]
+    labels, seeds = JobList(range(pipe.num_classes), samples=batch, seed=spec["seed"]).batch(range(batch))
     flops = count_generation_flops(pipe, labels[:1], seeds[:1], **sampling)
     for _ in range(spec["warmup"]):
         pipe.generate(labels[:1], seed=seeds[:1], progress=False, **sampling)

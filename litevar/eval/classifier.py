@@ -11,6 +11,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .. import __version__
+from ..data import ImageSet, load_fashion_mnist, random_flip, resize_batch, to_model_range
 from ..files import reading, write_atomic
-from ..train.data import ImageSet, load_fashion_mnist, random_flip, resize_batch, to_model_range
+from ..version import __version__
 
 DEFAULT_CLASSIFIER_PATH = Path(__file__).parent.parent / "assets" / "fashion_mnist_classifier.safetensors"
 DEFAULT_WIDTHS = (32, 64, 128)
@@ -198,17 +199,12 @@ def _train_epoch(model: FashionClassifier, optimizer: torch.optim.Optimizer,
     return loss_sum / steps
 
 
-def train_classifier(out_path: str | Path, epochs: int = 6, seed: int = 0, batch_size: int = 128, lr: float = 3e-3,
-                     weight_decay: float = 0.05, max_shift: int = 1, widths: Sequence[int] = DEFAULT_WIDTHS,
-                     progress: bool = True, train_set: ImageSet | None = None,
-                     test_set: ImageSet | None = None) -> dict:
-    """Train a ``FashionClassifier``, evaluate it on the test split and save it as safetensors.
-
-    Training uses random horizontal flips and shifts of up to ``max_shift`` pixels, AdamW and a cosine
-    learning-rate schedule; the same seed gives the same weights (on the same machine and thread count).
+@dataclass(frozen=True)
+class ClassifierTraining:
+    """How :func:`train_classifier` trains: random horizontal flips and shifts of up to ``max_shift`` pixels, AdamW
+    and a cosine learning-rate schedule; the same seed gives the same weights (same machine and thread count).
 
     Args:
-        out_path: where the weights go (written atomically; the folder is created).
         epochs: passes over the training set.
         seed: seed for initialization, shuffling and augmentation.
         batch_size: images per step.
@@ -216,18 +212,47 @@ def train_classifier(out_path: str | Path, epochs: int = 6, seed: int = 0, batch
         weight_decay: AdamW weight decay.
         max_shift: largest random translation in pixels.
         widths: channels of the three conv stages.
-        progress: show a progress bar.
+
+    Example:
+        >>> ClassifierTraining(epochs=2).batch_size
+        128
+    """
+
+    epochs: int = 6
+    seed: int = 0
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    max_shift: int = 1
+    widths: Sequence[int] = DEFAULT_WIDTHS
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ClassifierError(f"`{name}` must be a positive integer, got {value!r}")
+
+
+def train_classifier(out_path: str | Path, training: ClassifierTraining | None = None,
+                     train_set: ImageSet | None = None, test_set: ImageSet | None = None,
+                     progress: bool = True) -> dict:
+    """Train a ``FashionClassifier``, evaluate it on the test split and save it as safetensors.
+
+    Args:
+        out_path: where the weights go (written atomically; the folder is created).
+        training: epochs, seed, batch size, optimizer and augmentation (see :class:`ClassifierTraining`).
         train_set: images to train on (default: the 60k Fashion-MNIST train split).
         test_set: images to evaluate on (default: the 10k Fashion-MNIST test split).
+        progress: show a progress bar.
 
     Returns:
         A dict with ``test_accuracy``, ``epoch_losses``, ``train_seconds``, ``epochs``, ``seed`` and ``path``.
 
     Example:
-        >>> train_classifier("out/classifier.safetensors", epochs=6)["test_accuracy"]  # ~0.92
+        >>> train_classifier("out/classifier.safetensors", ClassifierTraining(epochs=6))["test_accuracy"]  # ~0.92
     """
-    if epochs < 1 or batch_size < 1:
-        raise ClassifierError(f"epochs and batch_size must be >= 1, got epochs={epochs}, batch_size={batch_size}")
+    training = training or ClassifierTraining()
+    epochs, seed, batch_size = training.epochs, training.seed, training.batch_size
     train_set = load_fashion_mnist("train") if train_set is None else train_set
     test_set = load_fashion_mnist("test") if test_set is None else test_set
     out_path = Path(out_path)
@@ -235,8 +260,8 @@ def train_classifier(out_path: str | Path, epochs: int = 6, seed: int = 0, batch
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = FashionClassifier(widths)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        model = FashionClassifier(training.widths)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=training.lr, weight_decay=training.weight_decay)
     steps_per_epoch = math.ceil(len(train_set) / batch_size)
     total_steps = epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -245,7 +270,8 @@ def train_classifier(out_path: str | Path, epochs: int = 6, seed: int = 0, batch
     start = time.perf_counter()
     bar = tqdm(total=total_steps, desc="classifier", disable=not progress)
     for _ in range(epochs):
-        epoch_losses.append(_train_epoch(model, optimizer, schedule, train_set, batch_size, max_shift, generator, bar))
+        epoch_losses.append(_train_epoch(model, optimizer, schedule, train_set, batch_size, training.max_shift,
+                                         generator, bar))
     bar.close()
     train_seconds = time.perf_counter() - start
     test_accuracy = _accuracy(model, test_set)
@@ -305,8 +331,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    result = train_classifier(args.out, epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
-                              progress=not args.no_progress)
+    training = ClassifierTraining(epochs=args.epochs, seed=args.seed, batch_size=args.batch_size)
+    result = train_classifier(args.out, training, progress=not args.no_progress)
     print(json.dumps(result, indent=2))
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..files import FileFormatError, read_npz, reading, write_atomic
+from ..jobs import JobList
 from .quality import FEATURE_SIZE
 
 
@@ -35,8 +36,8 @@ def _generated_images(pipe, args: argparse.Namespace, sampling: dict, out: Path)
     """Generate (or reuse, when the same settings made them before) ``per_class`` images of every class."""
     from .quality import generate_set
 
-    labels = np.repeat(np.arange(pipe.num_classes), args.per_class)
-    seeds = args.seed + np.arange(len(labels))
+    jobs = JobList(range(pipe.num_classes), args.per_class, seed=args.seed)
+    labels, seeds = jobs.labels, jobs.seeds
     settings = {"per_class": args.per_class, "seed": args.seed, "dtype": args.dtype, **sampling}
     path = out / f"{_generated_name(sampling)}.npz"
     if path.exists():
@@ -57,7 +58,7 @@ def _generated_images(pipe, args: argparse.Namespace, sampling: dict, out: Path)
 
 def cmd_quality(args: argparse.Namespace) -> None:
     from ..pipeline import load_pipeline
-    from ..train.data import load_dataset
+    from ..data import load_dataset
     from .classifier import load_classifier
     from .quality import FeatureCache, compare_to_data, generation_report, reconstruction_report
 
@@ -90,7 +91,7 @@ def cmd_quality(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from ..cli_args import UsageError, check_writable, parse_classes, positive, safe_name
-    from .evaluate import evaluate, write_report
+    from .evaluate import EvalSettings, evaluate, write_report
     from .tables import compare_markdown
 
     if args.compare:
@@ -102,25 +103,23 @@ def cmd_eval(args: argparse.Namespace) -> None:
             reports.append(report)
         print(compare_markdown(reports))
         return
-    positive("--per-class", args.per_class)
-    positive("--batch-size", args.batch_size)
     if args.threads:
         torch.set_num_threads(positive("--threads", args.threads))
+    default_model = args.var_ckpt is None and args.vae_ckpt is None
+    data = (("fashion-mnist" if default_model else None) if args.data == "auto" else
+            None if args.data == "none" else args.data)
+    out = Path(args.out)
+    settings = EvalSettings(per_class=args.per_class, classes=parse_classes(args.classes) if args.classes else None,
+                            seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, data=data,
+                            batch_size=args.batch_size, device=args.device, cache_dir=out / "cache",
+                            feature_size=args.feature_size, inception_weights=args.inception_weights)
     from ..recipe import load_recipe
     recipe = load_recipe(args.recipe)
-    out = Path(args.out)
     check_writable(out)
     path = out / f"eval_{safe_name(args.name or recipe.name)}.json"
     if path.exists() and not args.overwrite:
         raise UsageError(f"{path} exists; pass --name to keep both, or --overwrite to replace it")
-    default_model = args.var_ckpt is None and args.vae_ckpt is None
-    data = (("fashion-mnist" if default_model else None) if args.data == "auto" else
-            None if args.data == "none" else args.data)
-    report = evaluate(recipe, var_ckpt=args.var_ckpt, vae_ckpt=args.vae_ckpt, config=args.config,
-                      per_class=args.per_class, classes=parse_classes(args.classes) if args.classes else None,
-                      seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, data=data,
-                      batch_size=args.batch_size, device=args.device, cache_dir=out / "cache",
-                      feature_size=args.feature_size, inception_weights=args.inception_weights,
+    report = evaluate(recipe, settings, var_ckpt=args.var_ckpt, vae_ckpt=args.vae_ckpt, config=args.config,
                       progress=not args.no_progress)
     json_path, md_path = write_report(report, path)
     print(md_path.read_text())
@@ -128,14 +127,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def add_eval_commands(sub) -> None:
-    from ..cli_args import add_model_args, add_recipe_arg, add_sampling_args
+    from ..cli_args import SEED_HELP, add_model_args, add_recipe_arg, add_sampling_args
 
     e = sub.add_parser("eval", help="fidelity of a recipe to the dense fp32 model, and quality vs data")
     add_model_args(e)
     add_recipe_arg(e, default="bf16")
     e.add_argument("--per-class", type=int, default=100, help="images per class")
     e.add_argument("--classes", help="comma-separated class ids (default: every class)")
-    e.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    e.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     add_sampling_args(e, more_smooth=False)
     e.add_argument("--data", default="auto", help="dataset for quality vs data: fashion-mnist, an image folder, or "
                    "none (default auto: fashion-mnist for the shipped model, none otherwise)")
@@ -163,7 +162,7 @@ def add_eval_commands(sub) -> None:
     q.add_argument("--cfg", type=float)
     q.add_argument("--top-k", type=int)
     q.add_argument("--top-p", type=float)
-    q.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    q.add_argument("--seed", type=int, default=0, help=SEED_HELP + " (train-image subset for 'real')")
     q.add_argument("--dtype", default="bf16", help="generation precision (fp32, bf16)")
     q.add_argument("--batch-size", type=int, default=100)
     q.add_argument("--feature-size", type=int, default=FEATURE_SIZE, help="EfficientNet-Lite0 input side")

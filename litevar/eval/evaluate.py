@@ -9,6 +9,8 @@ import hashlib
 import json
 import platform
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..files import FileFormatError, json_safe, read_npz, reading, write_atomic
+from ..images import to_uint8
+from ..jobs import JobList
 from ..recipe import Recipe, build_pipeline, load_recipe
 from .bench import machine_info
 from .fidelity import FidelityAccumulator, image_fidelity
@@ -44,19 +48,6 @@ def _rounding_setup() -> dict:
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
-def eval_jobs(num_classes: int, per_class: int, classes: list[int] | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Labels (class-major) and per-image seeds ``seed + i``: the same jobs as ``litevar sample``."""
-    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
-        raise ValueError(f"per_class must be a positive integer, got {per_class!r}")
-    classes = list(range(num_classes)) if classes is None else list(classes)
-    labels = np.repeat(np.asarray(classes, dtype=np.int64), per_class)
-    return labels, seed + np.arange(len(labels), dtype=np.int64)
-
-
-def _to_uint8(images_B3HW: torch.Tensor) -> np.ndarray:
-    return images_B3HW.float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 def _reference_set(pipe, weights: str, labels: np.ndarray, seeds: np.ndarray, sampling: dict, batch_size: int,
                    cache_dir: Path | None, progress: bool) -> tuple[np.ndarray, list[np.ndarray], float]:
     """Reference images (uint8 NHWC), tokens per scale and generation seconds, from the cache when present."""
@@ -80,7 +71,7 @@ def _reference_set(pipe, weights: str, labels: np.ndarray, seeds: np.ndarray, sa
     for start in tqdm(range(0, len(labels), batch_size), desc="reference", disable=not progress):
         out = pipe.generate(labels[start:start + batch_size].tolist(), seed=seeds[start:start + batch_size].tolist(),
                             progress=False, **sampling)
-        images.append(_to_uint8(out.images))
+        images.append(to_uint8(out.images))
         tokens.append([t.cpu().numpy().astype(np.int32) for t in out.tokens])
     seconds = time.perf_counter() - start_time
     images_np = np.concatenate(images)
@@ -109,7 +100,7 @@ def _candidate_pass(reference, candidate, labels, seeds, ref_tokens, sampling, b
         out = candidate.generate(batch_labels, seed=seeds[start:start + batch_size].tolist(), progress=False, **sampling)
         seconds += time.perf_counter() - tick
         acc.add_tokens(forced, out.tokens)
-        images.append(_to_uint8(out.images))
+        images.append(to_uint8(out.images))
     return np.concatenate(images), acc, seconds
 
 
@@ -123,63 +114,103 @@ def _quality(images: np.ndarray, labels: np.ndarray, test, features: FeatureCach
     return quality
 
 
-def evaluate(recipe: Recipe | str | dict | None = None, *, var_ckpt: str | Path | None = None,
-             vae_ckpt: str | Path | None = None, config: Any = None, per_class: int = 100,
-             classes: list[int] | None = None, seed: int = 0, cfg: float | None = None, top_k: int | None = None,
-             top_p: float | None = None, data: str | None = None, batch_size: int = 50, device: str = "cpu",
-             cache_dir: str | Path | None = "runs/eval/cache", feature_size: int = FEATURE_SIZE,
-             inception_weights: str | Path | None = None, progress: bool = True) -> dict:
-    """Generate the same labels/seeds with the dense float32 model and with ``recipe``; report fidelity to the
-    reference and, with ``data``, quality of both against that dataset's test split.
+@dataclass(frozen=True)
+class EvalSettings:
+    """What :func:`evaluate` generates and measures.
 
     Args:
-        recipe: the candidate (see :func:`litevar.recipe.load_recipe`); None = dense fp32 (identity check).
-        var_ckpt, vae_ckpt, config: the model (all None: the shipped default model).
-        per_class, classes, seed: images per class, which classes (default all), image i uses seed ``seed + i``.
+        per_class, classes, seed: the job list (:class:`~litevar.jobs.JobList`): ``per_class`` images of each of
+            ``classes`` (default every class), image i with seed ``seed + i``, as ``litevar sample`` makes them.
         cfg, top_k, top_p: sampling (None: the model card's).
         data: "fashion-mnist", an image folder, or None (fidelity only).
         batch_size: images per batch (the same for reference and candidate, so batch composition matches).
         device: where both models run.
         cache_dir: where reference images and features are cached (None: no cache).
         feature_size: EfficientNet-Lite0 input side for FD-EffLite0.
-        inception_weights: local torch-fidelity Inception weights for FID/IS (None: not computed, said so).
+        inception_weights: local torch-fidelity Inception weights for FID/IS (None: not computed, said so); needs
+            ``data``.
+
+    Example:
+        >>> EvalSettings(per_class=10, data="fashion-mnist").batch_size
+        50
+    """
+
+    per_class: int = 100
+    classes: Sequence[int] | None = None
+    seed: int = 0
+    cfg: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    data: str | None = None
+    batch_size: int = 50
+    device: str = "cpu"
+    cache_dir: str | Path | None = "runs/eval/cache"
+    feature_size: int = FEATURE_SIZE
+    inception_weights: str | Path | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("per_class", "batch_size", "feature_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+        if self.inception_weights is not None and self.data is None:
+            raise ValueError("Inception FID needs a dataset: give `data` together with `inception_weights`")
+
+    def jobs(self, num_classes: int) -> JobList:
+        """The job list on a model with ``num_classes`` classes."""
+        return JobList(range(num_classes) if self.classes is None else self.classes, self.per_class, seed=self.seed)
+
+
+def evaluate(recipe: Recipe | str | dict | None = None, settings: EvalSettings | None = None, *,
+             var_ckpt: str | Path | None = None, vae_ckpt: str | Path | None = None, config: Any = None,
+             progress: bool = True) -> dict:
+    """Generate the same labels/seeds with the dense float32 model and with ``recipe``; report fidelity to the
+    reference and, with ``settings.data``, quality of both against that dataset's test split.
+
+    Args:
+        recipe: the candidate (see :func:`litevar.recipe.load_recipe`); None = dense fp32 (identity check).
+        settings: the job list, sampling, data and caches (see :class:`EvalSettings`; None: its defaults).
+        var_ckpt, vae_ckpt, config: the model (all None: the shipped default model).
         progress: progress bars.
 
     Returns:
         The report dict (see README "Evaluation protocol"); ``write_report`` saves it as JSON and Markdown.
 
     Example:
-        >>> report = evaluate("bf16", per_class=10, data="fashion-mnist")  # doctest: +SKIP
+        >>> report = evaluate("bf16", EvalSettings(per_class=10, data="fashion-mnist"))  # doctest: +SKIP
         >>> report["fidelity"]["token_agreement_per_scale"][:3]  # doctest: +SKIP
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    settings = settings or EvalSettings()
+    batch_size, data, device = settings.batch_size, settings.data, settings.device
     recipe = load_recipe(recipe)
-    cache = Path(cache_dir) if cache_dir is not None else None
+    cache = Path(settings.cache_dir) if settings.cache_dir is not None else None
     reference = build_pipeline(None, var_ckpt, vae_ckpt, config, device=device)
     candidate = build_pipeline(recipe, var_ckpt, vae_ckpt, config, device=device)
-    if classes is not None:
-        reference.check_labels(classes)
-    sampling = reference.resolve_sampling(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=False)
-    labels, seeds = eval_jobs(reference.num_classes, per_class, classes, seed)
+    jobs = settings.jobs(reference.num_classes)
+    reference.check_labels(jobs.classes)
+    sampling = reference.resolve_sampling(cfg=settings.cfg, top_k=settings.top_k, top_p=settings.top_p,
+                                          more_smooth=False)
+    labels, seeds = jobs.labels, jobs.seeds
     test = None
     if data is not None:
-        from ..train.data import load_dataset
+        from ..data import load_dataset
         test = load_dataset(data, "test", size=reference.config.vae.image_size)
     weights = weights_digest(reference.var, reference.vae)
     ref_images, ref_tokens, ref_seconds = _reference_set(reference, weights, labels, seeds, sampling, batch_size, cache,
                                                          progress)
     cand_images, acc, cand_seconds = _candidate_pass(reference, candidate, labels, seeds, ref_tokens, sampling,
                                                      batch_size, progress)
-    features = FeatureCache(cache / "features" if cache else None, input_size=feature_size, progress=progress)
+    features = FeatureCache(cache / "features" if cache else None, input_size=settings.feature_size,
+                            progress=progress)
     fidelity = {**acc.result(), **image_fidelity(ref_images, cand_images),
                 "fd_to_reference": frechet_distance(features(ref_images), features(cand_images))}
-    report = {"litevar_eval": EVAL_VERSION, "metric": f"FD-EffLite0@{feature_size}px (EfficientNet-Lite0 ImageNet "
-              "features; not Inception FID)",
+    report = {"litevar_eval": EVAL_VERSION,
+              "metric": f"FD-EffLite0@{settings.feature_size}px (EfficientNet-Lite0 ImageNet features; "
+                        "not Inception FID)",
               "model": {"var_ckpt": str(var_ckpt or "default"), "vae_ckpt": str(vae_ckpt or "default"),
                         "weights_sha256": weights},
-              "recipe": recipe.to_dict(), "sampling": sampling, "images": len(labels), "per_class": per_class,
-              "classes": sorted(set(labels.tolist())), "seed": seed, "batch_size": batch_size, "data": data,
+              "recipe": recipe.to_dict(), "sampling": sampling, "images": len(labels), "per_class": jobs.per_class,
+              "classes": sorted(set(labels.tolist())), "seed": jobs.seed, "batch_size": batch_size, "data": data,
               "fidelity": fidelity, "seconds": cand_seconds, "images_per_s": len(labels) / cand_seconds,
               "reference": {"recipe": Recipe().to_dict(), "seconds": ref_seconds,
                             "images_per_s": len(labels) / ref_seconds},
@@ -188,7 +219,7 @@ def evaluate(recipe: Recipe | str | dict | None = None, *, var_ckpt: str | Path 
         classifier = classifier_for(data, reference.num_classes)
         report["quality"] = _quality(cand_images, labels, test, features, classifier)
         report["reference"]["quality"] = _quality(ref_images, labels, test, features, classifier)
-    report["inception"] = _inception(inception_weights, test, ref_images, cand_images)
+    report["inception"] = _inception(settings.inception_weights, test, ref_images, cand_images)
     return report
 
 
@@ -205,7 +236,7 @@ def _inception(weights, test, ref_images: np.ndarray, cand_images: np.ndarray) -
     if weights is None:
         return {"computed": False, "note": INCEPTION_HELP}
     if test is None:
-        raise ValueError("Inception FID needs a dataset: pass --data together with --inception-weights")
+        raise ValueError("Inception FID needs a dataset: give `data` together with `inception_weights`")
     return {"computed": True, "candidate": inception_scores(weights, cand_images, test.images),
             "reference": inception_scores(weights, ref_images, test.images)}
 

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-INCEPTION_HELP = ("Inception FID/IS not computed: pass --inception-weights PATH to torch-fidelity's FID Inception "
-                  "weights (pt_inception-2015-12-05-6726825d.pth) and `pip install torch-fidelity`; "
-                  "the FD-EffLite0 numbers above are not comparable with published FID")
+WEIGHTS_HELP = ("torch-fidelity's FID Inception weights (pt_inception-2015-12-05-6726825d.pth) and "
+                "`pip install torch-fidelity`")
+INCEPTION_HELP = (f"Inception FID/IS not computed: they need `inception_weights` (`litevar eval --inception-weights "
+                  f"PATH`), {WEIGHTS_HELP}; the FD-EffLite0 numbers above are not comparable with published FID")
 
 
 class _Images(torch.utils.data.Dataset):
@@ -34,9 +35,10 @@ def inception_scores(weights: str | Path, generated_NHWC: np.ndarray, real_NHWC:
     """
     weights = Path(weights)
     if not weights.is_file():
-        raise ValueError(f"Inception weights {weights} not found; {INCEPTION_HELP}")
+        raise ValueError(f"Inception weights {weights} not found; `inception_weights` must be the path of "
+                         f"{WEIGHTS_HELP}")
     if importlib.util.find_spec("torch_fidelity") is None:
-        raise ValueError("--inception-weights needs torch-fidelity: pip install torch-fidelity")
+        raise ValueError("`inception_weights` needs torch-fidelity: pip install torch-fidelity")
     import torch_fidelity
 
     metrics = torch_fidelity.calculate_metrics(

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..data import ImageSet, to_model_range
 from ..files import FileFormatError, read_npy, write_atomic
-from ..train.data import ImageSet, to_model_range
+from ..images import to_uint8
 from .features import extract_features, get_extractor
 from .metrics import codebook_usage, frechet_distance, precision_recall, psnr
 
@@ -68,8 +69,7 @@ def reconstruct(vae, data: ImageSet, batch_size: int = 250, progress: bool = Tru
     images, tokens = [], []
     for start in tqdm(range(0, len(data), batch_size), disable=not progress, desc="reconstruct"):
         idx = vae.img_to_idx(to_model_range(data.images[start:start + batch_size]))
-        img = vae.idx_to_img(idx).add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
-        images.append(img.permute(0, 2, 3, 1).numpy())
+        images.append(to_uint8(vae.idx_to_img(idx).add(1).mul(0.5)))
         tokens.append(torch.cat(idx, dim=1))
     return np.concatenate(images), [torch.cat(tokens)]
 
@@ -87,12 +87,13 @@ def reconstruction_report(vae, test: ImageSet, features: FeatureCache, progress:
 @torch.no_grad()
 def generate_set(pipe, labels: np.ndarray, seeds: np.ndarray, batch_size: int = 100, progress: bool = True,
                  **sampling) -> np.ndarray:
-    """uint8 NHWC images for (label, seed) pairs, one generator per image (independent of batching)."""
+    """uint8 NHWC images for (label, seed) pairs (e.g. a :class:`~litevar.jobs.JobList`'s ``labels`` and
+    ``seeds``), one generator per image (independent of batching)."""
     out = []
     for start in tqdm(range(0, len(labels), batch_size), disable=not progress, desc="generate"):
         result = pipe.generate(labels[start:start + batch_size].tolist(), seed=seeds[start:start + batch_size].tolist(),
                                progress=False, **sampling)
-        out.append(result.images.mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+        out.append(to_uint8(result.images))
     return np.concatenate(out)
 
 

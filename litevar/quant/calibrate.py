@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ..jobs import JobList
 from .groups import TokenGroups
 from .layers import linear_layers
 
@@ -104,10 +105,10 @@ def collect_input_stats(pipe, types, samples: int = 32, seed: int = 100000, batc
     if not recorders:  # nothing to record (every layer kept in 16 bit or filtered out): skip the generations
         return {}
     try:
-        labels = [i % pipe.num_classes for i in range(samples)]
-        for start in tqdm(range(0, samples, batch_size), desc="calibration", disable=not progress):
-            chunk = range(start, min(start + batch_size, samples))
-            pipe.generate([labels[i] for i in chunk], seed=[seed + i for i in chunk], progress=False, **sampling)
+        jobs = JobList(range(pipe.num_classes), samples=samples, seed=seed)
+        for chunk in tqdm(jobs.chunks(batch_size), desc="calibration", disable=not progress):
+            labels, seeds = jobs.batch(chunk)
+            pipe.generate(labels, seed=seeds, progress=False, **sampling)
     finally:
         for handle in handles:
             handle.remove()

@@ -11,6 +11,7 @@ Without oneDNN (another device, another build) the same integer arithmetic is em
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -54,13 +55,32 @@ def quantize_activation(x: torch.Tensor, scale: float, zero: int) -> torch.Tenso
     return out
 
 
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Stride, padding, dilation and groups of a convolution (numeric zero padding only).
+
+    Example:
+        >>> ConvGeometry.of(nn.Conv2d(8, 8, 3, padding=1)).padding
+        (1, 1)
+    """
+
+    stride: tuple[int, ...] = (1, 1)
+    padding: tuple[int, ...] = (0, 0)
+    dilation: tuple[int, ...] = (1, 1)
+    groups: int = 1
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d) -> "ConvGeometry":
+        return cls(tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
+
+
 class Int8Conv2d(nn.Module):
     """A Conv2d computed with integer products: uint8 input on a static grid, int8 weights per output channel.
 
     Args:
         weight_int8: [O, I/groups, kh, kw] int8. weight_scale: [O] float32. bias: [O] or None.
         input_range: [2] float32, the calibrated (min, max) of the input (0 is always on the grid).
-        stride, padding, dilation, groups: as in the float convolution (zero padding only).
+        geometry: stride, padding, dilation and groups, as in the float convolution (zero padding only).
         out_dtype: the output dtype (the model's).
 
     Example:
@@ -71,12 +91,12 @@ class Int8Conv2d(nn.Module):
     """
 
     def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                 input_range: torch.Tensor, stride, padding, dilation, groups: int, out_dtype: torch.dtype) -> None:
+                 input_range: torch.Tensor, geometry: ConvGeometry, out_dtype: torch.dtype) -> None:
         super().__init__()
-        self.out_channels, self.in_channels = weight_int8.shape[0], weight_int8.shape[1] * groups
+        self.out_channels, self.in_channels = weight_int8.shape[0], weight_int8.shape[1] * geometry.groups
         self.kernel_size = tuple(weight_int8.shape[2:])
-        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
-        self.groups = groups
+        self.stride, self.padding = tuple(geometry.stride), tuple(geometry.padding)
+        self.dilation, self.groups = tuple(geometry.dilation), geometry.groups
         self.register_buffer("weight_int8", weight_int8.to(torch.int8))
         self.register_buffer("weight_scale", weight_scale.detach().float().flatten())
         self.register_buffer("bias", None if bias is None else bias.detach().float())
@@ -94,7 +114,7 @@ class Int8Conv2d(nn.Module):
         weight = conv.weight.detach().float()
         q, scale, _ = quantize_weight(weight.flatten(1), WEIGHT_SPEC)
         return cls(q.reshape(weight.shape).to(torch.int8), scale.flatten(), conv.bias, torch.tensor([lo, hi]),
-                   conv.stride, conv.padding, conv.dilation, conv.groups, conv.weight.dtype)
+                   ConvGeometry.of(conv), conv.weight.dtype)
 
     def weight_nbytes(self) -> int:
         return self.weight_int8.numel() + self.weight_scale.numel() * 4

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..jobs import JobList
 from ..models.vqvae import Upsample2x
-from ..recipe import register_step
+from ..registry import register_step
 from .conv import ACT_SPEC, Int8Conv2d, Int8Upsample2x, onednn_int8_conv_available
 
 ACT_RANGES = ("minmax", "percentile", "mse")
@@ -192,11 +193,11 @@ def replace_decoder_convs(decoder: nn.Module, ranges: dict[str, tuple[float, flo
 
 def _calibration_ranges(pipe, names: list[str], config: DecoderInt8Config) -> dict[str, tuple[float, float]]:
     """Ranges from the decodes at the end of ``calib_samples`` real generations (the pipeline's own decode)."""
-    labels = [i % pipe.num_classes for i in range(config.calib_samples)]
+    jobs = JobList(range(pipe.num_classes), samples=config.calib_samples, seed=config.calib_seed)
     with recording(pipe.vae.decoder, names, config.act_range != "minmax", config.calib_seed) as recorders:
-        for start in range(0, config.calib_samples, CALIB_BATCH):
-            chunk = range(start, min(start + CALIB_BATCH, config.calib_samples))
-            pipe.generate([labels[i] for i in chunk], seed=[config.calib_seed + i for i in chunk], progress=False)
+        for chunk in jobs.chunks(CALIB_BATCH):
+            labels, seeds = jobs.batch(chunk)
+            pipe.generate(labels, seed=seeds, progress=False)
     return {n: r.range(config.act_range, config.percentile) for n, r in recorders.items()}
 
 

@@ -32,20 +32,21 @@ def quantize_static(x2d: torch.Tensor, scale: float, zero_point: int, spec: Quan
     return q.to(dtype)
 
 
-def _adaln_quantize_eager(x: torch.Tensor, scale_unit: torch.Tensor, shift: torch.Tensor, inv_scale: torch.Tensor,
-                          zero: torch.Tensor, qmin: int, qmax: int, eps: float, signed: bool) -> torch.Tensor:
+def _adaln_quantize_grid(x: torch.Tensor, scale_unit: torch.Tensor, shift: torch.Tensor, inv_scale: torch.Tensor,
+                         zero: torch.Tensor, qmin: int, qmax: int, eps: float) -> torch.Tensor:
+    """LayerNorm, AdaLN scale and shift, then the rounded and clamped grid values, still in float32."""
     h = F.layer_norm(x.float(), (x.shape[-1],), eps=eps) * scale_unit.float() + shift.float()
-    q = torch.clamp(torch.round(h * inv_scale) + zero, qmin, qmax)
-    return q.to(torch.int8 if signed else torch.uint8)
+    return torch.clamp(torch.round(h * inv_scale) + zero, qmin, qmax)
 
 
 # One function (code object) per output type: torch.compile keeps a bounded number of variants per code object.
+# Called directly, they are the eager reference of the compiled kernels.
 def _adaln_quantize_int8(x, scale_unit, shift, inv_scale, zero, qmin: int, qmax: int, eps: float):
-    return _adaln_quantize_eager(x, scale_unit, shift, inv_scale, zero, qmin, qmax, eps, True)
+    return _adaln_quantize_grid(x, scale_unit, shift, inv_scale, zero, qmin, qmax, eps).to(torch.int8)
 
 
 def _adaln_quantize_uint8(x, scale_unit, shift, inv_scale, zero, qmin: int, qmax: int, eps: float):
-    return _adaln_quantize_eager(x, scale_unit, shift, inv_scale, zero, qmin, qmax, eps, False)
+    return _adaln_quantize_grid(x, scale_unit, shift, inv_scale, zero, qmin, qmax, eps).to(torch.uint8)
 
 
 _failed: list[str] = []  # set once a compiled call failed: the unfused path from then on
@@ -64,7 +65,7 @@ def _compiled() -> dict[bool, object] | None:
         one = torch.ones(2, 1, 16, dtype=torch.bfloat16)
         args = (one, one * 0, torch.tensor(4.0), torch.tensor(128.0), 0, 255, 1e-6)
         with torch.no_grad():
-            if not torch.equal(kernels[False](x, *args), _adaln_quantize_eager(x, *args, False)):
+            if not torch.equal(kernels[False](x, *args), _adaln_quantize_uint8(x, *args)):
                 raise RuntimeError("compiled result differs from eager")
         return kernels
     except Exception as err:  # any failure means: use the unfused ATen path

@@ -23,6 +23,8 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cli_args import UsageError, add_model_args, add_sampling_args, check_run, check_writable, positive
+from ..images import to_uint8
+from ..jobs import JobList
 from ..files import FileFormatError, json_safe, read_npz, reading, write_atomic
-from ..recipe import STEPS, Recipe, apply_recipe, build_pipeline, load_recipe
+from ..recipe import Recipe, apply_recipe, build_pipeline, load_recipe
+from ..registry import STEPS
 from .layers import LAYER_TYPES, linear_layers
 from .sensitivity_report import bits_label, plot_sensitivity, sensitivity_markdown
 from .transform import QuantConfig
@@ -43,7 +48,7 @@ RUNS_DIR = "runs"
 BASE = "base"
 DATA_CHOICES = ("auto", "fashion-mnist", "none")
 PLAN_RULE = ("a layer type is sensitive when its drop in token agreement below the base run is positive and above "
-             "the threshold (--tolerance, else twice the median drop over the studied types); the plan keeps the "
+             "the threshold (the tolerance, else twice the median drop over the studied types); the plan keeps the "
              "sensitive types in 16 bit and quantizes every other base layer at the base bits")
 
 
@@ -54,7 +59,7 @@ def quant_methods() -> list[str]:
 
 
 def parse_bits(values: list[str], option: str) -> tuple[int, int | None]:
-    """``["8", "4"]`` -> ``(8, 4)``; the activation bits may be ``none`` (weight-only)."""
+    """``["8", "4"]`` -> ``(8, 4)``; the activation bits may be ``none`` (weight-only). ``option`` is the flag."""
     if len(values) != 2:
         raise UsageError(f"{option} takes two values W A, e.g. {option} 8 4; got {values}")
     try:
@@ -62,18 +67,18 @@ def parse_bits(values: list[str], option: str) -> tuple[int, int | None]:
         a_bits = None if str(values[1]).lower() == "none" else int(values[1])
     except ValueError:
         raise UsageError(f"{option} takes integer bits W A (A may be none), got {' '.join(map(str, values))}") from None
-    return check_bits((w_bits, a_bits), option)
+    return check_bits((w_bits, a_bits), option.removeprefix("--").replace("-", "_"))
 
 
-def check_bits(bits, option: str) -> tuple[int, int | None]:
-    """Weight bits in 2..8 and activation bits in 2..8 or None, else a UsageError naming ``option``."""
+def check_bits(bits, name: str) -> tuple[int, int | None]:
+    """Weight bits in 2..8 and activation bits in 2..8 or None, else a ValueError naming the argument ``name``."""
     if not isinstance(bits, (list, tuple)) or len(bits) != 2:
-        raise UsageError(f"{option} must be (w_bits, a_bits), got {bits!r}")
+        raise ValueError(f"`{name}` must be (w_bits, a_bits), got {bits!r}")
     for value, what in zip(bits, ("weight", "activation")):
         if value is None and what == "activation":
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
-            raise UsageError(f"{option}: {what} bits must be an integer from 2 to 8, got {value!r}")
+            raise ValueError(f"`{name}`: {what} bits must be an integer from 2 to 8, got {value!r}")
     return int(bits[0]), None if bits[1] is None else int(bits[1])
 
 
@@ -89,18 +94,9 @@ def check_types(types) -> tuple[str, ...]:
     types = list(types)
     unknown = [t for t in types if t not in LAYER_TYPES]
     if unknown or not types:
-        raise UsageError(f"--types: unknown layer types {unknown or '(none given)'}; choose from {','.join(LAYER_TYPES)}")
+        raise ValueError(f"`types`: unknown layer types {unknown or '(none given)'}; "
+                         f"choose from {','.join(LAYER_TYPES)}")
     return tuple(t for t in LAYER_TYPES if t in types)
-
-
-def study_jobs(num_classes: int, per_class: int | None, samples: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and per-image seeds ``seed + i``: ``per_class`` images of every class (class-major), or ``samples``
-    images with the classes in turn."""
-    if samples is not None:
-        labels = np.arange(samples, dtype=np.int64) % num_classes
-    else:
-        labels = np.repeat(np.arange(num_classes, dtype=np.int64), per_class)
-    return labels, seed + np.arange(len(labels), dtype=np.int64)
 
 
 def run_recipe(method: str, base, layers, calib_samples: int, kind: str | None = None, low=None) -> Recipe:
@@ -134,10 +130,6 @@ def _digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _to_uint8(images_B3HW: torch.Tensor) -> np.ndarray:
-    return images_B3HW.float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 def _generate(pipe, labels: np.ndarray, seeds: np.ndarray, sampling: dict, batch_size: int):
     """uint8 NHWC images, int32 tokens per scale and the seconds it took."""
     images, tokens = [], []
@@ -145,7 +137,7 @@ def _generate(pipe, labels: np.ndarray, seeds: np.ndarray, sampling: dict, batch
     for start in range(0, len(labels), batch_size):
         out = pipe.generate(labels[start:start + batch_size].tolist(), seed=seeds[start:start + batch_size].tolist(),
                             progress=False, **sampling)
-        images.append(_to_uint8(out.images))
+        images.append(to_uint8(out.images))
         tokens.append([t.cpu().numpy().astype(np.int32) for t in out.tokens])
     seconds = time.perf_counter() - start_time
     return np.concatenate(images), [np.concatenate(scale) for scale in zip(*tokens)], seconds
@@ -178,8 +170,8 @@ def _classifier(data: str, default_model: bool, num_classes: int):
 
     name = ("fashion-mnist" if default_model else None) if data == "auto" else None if data == "none" else data
     if name is None:
-        why = "--data none" if data == "none" else "no classifier for this model's data (auto: only the shipped model)"
-        return None, None, f"class-consistency not measured: {why}; pass --data fashion-mnist for a Fashion-MNIST model"
+        why = "data is none" if data == "none" else "no classifier for this model's data (auto: only the shipped model)"
+        return None, None, f"class-consistency not measured: {why}; use data fashion-mnist for a Fashion-MNIST model"
     classifier = classifier_for(name, num_classes)
     if classifier is None:
         return None, name, f"class-consistency not measured: the {name} classifier has 10 classes, the model {num_classes}"
@@ -219,7 +211,7 @@ def _reference(dense, labels, seeds, sampling, batch_size, out: Path | None, dig
     """The dense fp32 model's images and tokens, from OUT/reference.npz when these settings made it."""
     path = out / REFERENCE_FILE if out is not None else None
     if path is not None and path.exists() and not overwrite:
-        advice = "delete it (or pass --overwrite) to generate the reference again"
+        advice = "delete it (or pass `overwrite`) to generate the reference again"
         cached = read_npz(path, "reference cache", advice, ("settings_sha256",))
         with reading(path, FileFormatError, "reference cache", advice):
             if str(cached["settings_sha256"]) == digest:
@@ -253,25 +245,18 @@ def _drop(base: float, value: float) -> float:
     return base - value
 
 
-def layer_sensitivity(var_ckpt: str | Path | None = None, vae_ckpt: str | Path | None = None, config: Any = None,
-                      shape: str | None = None, *, method: str = "rtn", base=(8, 8), low=(8, 4), types=LAYER_TYPES,
-                      per_class: int | None = 5, samples: int | None = None, seed: int = 0, calib_samples: int = 16,
-                      cfg: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                      data: str = "auto", batch_size: int = 50, device: str = "cpu", tolerance: float | None = None,
-                      out: str | Path | None = None, overwrite: bool = False, progress: bool = True) -> dict:
-    """LiteVAR's layer-type sensitivity study: a base run, then one run per layer type at the low bits (see the
-    module docstring for the plan rule). With ``out``, each run is saved as it finishes (OUT/runs/<name>.json) and
-    a rerun with the same settings skips it; different settings in the same folder are refused.
+@dataclass(frozen=True)
+class SensitivitySettings:
+    """What the sensitivity study runs (see the module docstring for the plan rule).
 
     Args:
-        var_ckpt, vae_ckpt, config: the model (all None: the shipped default model); or ``shape`` for seeded
-            random weights of a released shape.
         method: a quantization recipe step type (``rtn``, ``smoothquant``, ``stwq``, ...); its ``keep`` is emptied
             so every type can be studied.
         base, low: (w_bits, a_bits): every base layer at ``base``; the studied type at ``low`` (a_bits None:
             weight-only). The base layers are the method's default ``layers`` plus the studied types.
         types: layer types to study, each its own run.
-        per_class, samples: images per class, or (``samples``) that many images with the classes in turn.
+        per_class, samples: images per class (class-major), or (``samples``, which wins) that many images with the
+            classes in turn: the job list of :class:`~litevar.jobs.JobList`.
         seed: image i uses seed ``seed + i`` (calibration keeps the method's own seeds).
         calib_samples: calibration generations for calibrated methods.
         cfg, top_k, top_p: sampling (None: the model card's).
@@ -279,43 +264,108 @@ def layer_sensitivity(var_ckpt: str | Path | None = None, vae_ckpt: str | Path |
         batch_size: images per batch (the same in every run).
         device: where every run happens.
         tolerance: the drop in token agreement above which a type is sensitive (None: twice the median drop).
+
+    Example:
+        >>> SensitivitySettings(types=("fc1", "fc2"), per_class=2).low
+        (8, 4)
+    """
+
+    method: str = "rtn"
+    base: Sequence[int | None] = (8, 8)
+    low: Sequence[int | None] = (8, 4)
+    types: Sequence[str] = LAYER_TYPES
+    per_class: int | None = 5
+    samples: int | None = None
+    seed: int = 0
+    calib_samples: int = 16
+    cfg: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    data: str = "auto"
+    batch_size: int = 50
+    device: str = "cpu"
+    tolerance: float | None = None
+
+    def __post_init__(self) -> None:
+        known = quant_methods()
+        if self.method not in known:
+            raise ValueError(f"`method`: {self.method!r} is not a quantization recipe step; choose from "
+                             f"{', '.join(known)}")
+        object.__setattr__(self, "base", check_bits(self.base, "base"))
+        object.__setattr__(self, "low", check_bits(self.low, "low"))
+        object.__setattr__(self, "types", check_types(self.types))
+        if self.samples is not None:
+            object.__setattr__(self, "per_class", None)
+        JobList([0], self.per_class, self.samples, self.seed)  # the job list's own checks
+        for name in ("calib_samples", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+        if self.data not in DATA_CHOICES:
+            raise ValueError(f"`data` must be one of {', '.join(DATA_CHOICES)}, got {self.data!r}")
+        tolerance = self.tolerance
+        if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
+                                      or not math.isfinite(tolerance) or tolerance < 0):
+            raise ValueError(f"`tolerance` must be a drop in token agreement >= 0 (e.g. 0.05), got {tolerance!r}")
+
+    def jobs(self, num_classes: int) -> JobList:
+        """The study's job list on a model with ``num_classes`` classes."""
+        return JobList(range(num_classes), self.per_class, self.samples, self.seed)
+
+
+def layer_sensitivity(settings: SensitivitySettings | None = None, var_ckpt: str | Path | None = None,
+                      vae_ckpt: str | Path | None = None, config: Any = None, shape: str | None = None, *,
+                      out: str | Path | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+    """LiteVAR's layer-type sensitivity study: a base run, then one run per layer type at the low bits (see the
+    module docstring for the plan rule). With ``out``, each run is saved as it finishes (OUT/runs/<name>.json) and
+    a rerun with the same settings skips it; different settings in the same folder are refused.
+
+    Args:
+        settings: method, bits, types, job list, sampling, data and tolerance (see :class:`SensitivitySettings`;
+            None: its defaults).
+        var_ckpt, vae_ckpt, config: the model (all None: the shipped default model); or ``shape`` for seeded
+            random weights of a released shape.
         out: folder for the run files, sensitivity.json/.md/.png and plan.json (None: nothing written).
         overwrite: redo every run even when the folder holds finished ones (and accept other settings).
         progress: a progress bar over the runs.
 
     Returns:
         The report dict: settings, the dense reference, one row per run, the plan (threshold, sensitive types and
-        the recipe dict). Errors naming the bad option are raised as :class:`~litevar.cli_args.UsageError`.
+        the recipe dict). Bad arguments raise ValueError naming the argument.
 
     Example:
-        >>> report = layer_sensitivity(types=["fc1", "fc2"], per_class=2, out="runs/sensitivity")  # doctest: +SKIP
+        >>> report = layer_sensitivity(SensitivitySettings(types=("fc1", "fc2"), per_class=2),
+        ...                            out="runs/sensitivity")  # doctest: +SKIP
         >>> report["plan"]["sensitive"]  # doctest: +SKIP
         ['fc2']
     """
-    settings = _settings(var_ckpt, vae_ckpt, config, shape, method, base, low, types, per_class, samples, seed,
-                         calib_samples, data, batch_size, device, tolerance)
-    types = settings["types"]
-    base, low = tuple(settings["base"]), tuple(settings["low"])
+    settings = settings or SensitivitySettings()
+    if shape is not None and (var_ckpt is not None or vae_ckpt is not None):
+        raise ValueError("give either `shape` (random weights of a released shape) or `var_ckpt`/`vae_ckpt`, not both")
+    record = _record(settings, var_ckpt, vae_ckpt, config, shape)
+    method, types, base, low = settings.method, settings.types, settings.base, settings.low
+    calib_samples, batch_size = settings.calib_samples, settings.batch_size
     out = Path(out) if out is not None else None
     if out is not None:
         check_writable(out)
-    dense = build_pipeline(None, var_ckpt, vae_ckpt, config, shape, device)
+    dense = build_pipeline(None, var_ckpt, vae_ckpt, config, shape, settings.device)
     missing = [t for t in types if not linear_layers(dense.var, (t,))]
     if missing:
-        raise UsageError(f"--types: this model has no {', '.join(missing)} layers")
-    sampling = dense.resolve_sampling(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=False)
-    labels, seeds = study_jobs(dense.num_classes, settings["per_class"], samples, seed)
+        raise ValueError(f"`types`: this model has no {', '.join(missing)} layers")
+    sampling = dense.resolve_sampling(cfg=settings.cfg, top_k=settings.top_k, top_p=settings.top_p, more_smooth=False)
+    jobs = settings.jobs(dense.num_classes)
+    labels, seeds = jobs.labels, jobs.seeds
     default_model = var_ckpt is None and vae_ckpt is None and shape is None
-    classifier, settings["data"], cc_note = _classifier(data, default_model, dense.num_classes)
-    settings.update(sampling=sampling, images=len(labels))
-    run_settings = {k: v for k, v in settings.items() if k != "tolerance"}
+    classifier, record["data"], cc_note = _classifier(settings.data, default_model, dense.num_classes)
+    record.update(sampling=sampling, images=len(labels))
+    run_settings = {k: v for k, v in record.items() if k != "tolerance"}
     digest = _digest(run_settings)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         check_run(out, run_settings, overwrite, pattern=f"{RUNS_DIR}/*.json")
         (out / RUNS_DIR).mkdir(exist_ok=True)
     reference = _reference(dense, labels, seeds, sampling, batch_size, out, digest, overwrite)
-    layers = settings["base_layers"]
+    layers = record["base_layers"]
     runs = [(BASE, run_recipe(method, base, layers, calib_samples))]
     runs += [(t, run_recipe(method, base, layers, calib_samples, t, low)) for t in types]
     rows = []
@@ -330,42 +380,24 @@ def layer_sensitivity(var_ckpt: str | Path | None = None, vae_ckpt: str | Path |
             if path is not None:
                 _write_json(path, row)
         rows.append(row)
-    report = _report(settings, reference, rows, classifier, labels, cc_note)
+    report = _report(record, reference, rows, classifier, labels, cc_note)
     if out is not None:
         write_outputs(report, out)
     return report
 
 
-def _settings(var_ckpt, vae_ckpt, config, shape, method, base, low, types, per_class, samples, seed, calib_samples,
-              data, batch_size, device, tolerance) -> dict:
-    """Validate the study's arguments (UsageError naming the option) and return them as JSON-ready settings."""
-    known = quant_methods()
-    if method not in known:
-        raise UsageError(f"--method: {method!r} is not a quantization recipe step; choose from {', '.join(known)}")
-    if shape is not None and (var_ckpt is not None or vae_ckpt is not None):
-        raise UsageError("give either --shape (random weights of a released shape) or --var-ckpt/--vae-ckpt, not both")
-    base, low = check_bits(base, "--base"), check_bits(low, "--low")
-    types = check_types(types)
-    if samples is not None:
-        positive("--samples", samples)
-        per_class = None
-    else:
-        positive("--per-class", per_class)
-    positive("--calib-samples", calib_samples)
-    positive("--batch-size", batch_size)
-    if data not in DATA_CHOICES:
-        raise UsageError(f"--data must be one of {', '.join(DATA_CHOICES)}, got {data!r}")
-    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
-                                  or not math.isfinite(tolerance) or tolerance < 0):
-        raise UsageError(f"--tolerance must be a drop in token agreement >= 0 (e.g. 0.05), got {tolerance!r}")
-    default_layers = STEPS[method].config_cls().layers
-    base_layers = [t for t in LAYER_TYPES if t in default_layers or t in types]
+def _record(settings: SensitivitySettings, var_ckpt, vae_ckpt, config, shape) -> dict:
+    """The study's settings as JSON-ready values (what run.json and the report hold)."""
+    default_layers = STEPS[settings.method].config_cls().layers
+    base_layers = [t for t in LAYER_TYPES if t in default_layers or t in settings.types]
     return {"var_ckpt": str(var_ckpt) if var_ckpt is not None else None,
             "vae_ckpt": str(vae_ckpt) if vae_ckpt is not None else None,
             "config": config if config is None or isinstance(config, dict) else str(config), "shape": shape,
-            "method": method, "base": list(base), "low": list(low), "types": list(types), "base_layers": base_layers,
-            "per_class": per_class, "samples": samples, "seed": seed, "calib_samples": calib_samples, "data": data,
-            "batch_size": batch_size, "device": str(device), "tolerance": tolerance}
+            "method": settings.method, "base": list(settings.base), "low": list(settings.low),
+            "types": list(settings.types), "base_layers": base_layers, "per_class": settings.per_class,
+            "samples": settings.samples, "seed": settings.seed, "calib_samples": settings.calib_samples,
+            "data": settings.data, "batch_size": settings.batch_size, "device": str(settings.device),
+            "tolerance": settings.tolerance}
 
 
 def _report(settings: dict, reference: dict, rows: list[dict], classifier, labels, cc_note) -> dict:
@@ -405,13 +437,14 @@ def write_outputs(report: dict, out: Path) -> dict[str, Path]:
 def cmd_sensitivity(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(positive("--threads", args.threads))
-    report = layer_sensitivity(args.var_ckpt, args.vae_ckpt, args.config, args.shape, method=args.method,
-                               base=parse_bits(args.base, "--base"), low=parse_bits(args.low, "--low"),
-                               types=parse_types(args.types), per_class=5 if args.per_class is None else args.per_class,
-                               samples=args.samples, seed=args.seed, calib_samples=args.calib_samples, cfg=args.cfg,
-                               top_k=args.top_k, top_p=args.top_p, data=args.data, batch_size=args.batch_size,
-                               device=args.device, tolerance=args.tolerance, out=args.out, overwrite=args.overwrite,
-                               progress=not args.no_progress)
+    settings = SensitivitySettings(method=args.method, base=parse_bits(args.base, "--base"),
+                                   low=parse_bits(args.low, "--low"), types=parse_types(args.types),
+                                   per_class=5 if args.per_class is None else args.per_class, samples=args.samples,
+                                   seed=args.seed, calib_samples=args.calib_samples, cfg=args.cfg, top_k=args.top_k,
+                                   top_p=args.top_p, data=args.data, batch_size=args.batch_size, device=args.device,
+                                   tolerance=args.tolerance)
+    report = layer_sensitivity(settings, args.var_ckpt, args.vae_ckpt, args.config, args.shape, out=args.out,
+                               overwrite=args.overwrite, progress=not args.no_progress)
     out = Path(args.out)
     print((out / "sensitivity.md").read_text())
     print(f"wrote {out / 'sensitivity.json'}, sensitivity.md, sensitivity.png and plan.json "
@@ -431,7 +464,8 @@ def add_sensitivity_command(sub) -> None:
     count = s.add_mutually_exclusive_group()
     count.add_argument("--per-class", type=int, help="images per class (default 5)")
     count.add_argument("--samples", type=int, help="images in all, the classes in turn (for models with many classes)")
-    s.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    s.add_argument("--seed", type=int, default=0, help="image i of the job list (class-major, or the classes in turn "
+                   "with --samples) uses seed + i, as in generate, sample and eval")
     add_sampling_args(s, more_smooth=False)
     s.add_argument("--calib-samples", type=int, default=16, help="calibration generations of calibrated methods")
     s.add_argument("--data", default="auto", choices=DATA_CHOICES,

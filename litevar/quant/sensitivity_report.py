@@ -52,7 +52,7 @@ def sensitivity_markdown(report: dict) -> str:
         lines.append(f"| {row['name']} | {row['bits']} | {_fmt(row['token_agreement'])} "
                      f"| {_fmt(row['token_agreement_drop'])} | {_fmt(row['psnr_db'], 2)} | {_fmt(row['psnr_drop_db'], 2)} "
                      f"| {_fmt(row['ssim'], 4)} | {_fmt(row['class_consistency'], 3)} | {_fmt(seconds, 1)} | {sensitive} |")
-    how = (f"--tolerance {plan['tolerance']}" if plan["tolerance"] is not None
+    how = (f"tolerance {plan['tolerance']}" if plan["tolerance"] is not None
            else "twice the median drop over the studied types")
     kept = ", ".join(plan["sensitive"]) or "no type"
     lines += ["", f"Plan rule: {plan['rule']}.", "",

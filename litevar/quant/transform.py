@@ -119,7 +119,7 @@ _METHODS: dict[type, Callable] = {}
 
 def register_method(config_cls: type, handler: Callable, recipe_name: str) -> None:
     """Register ``handler(pipe, config)`` for a :class:`QuantConfig` subclass and make it a recipe step."""
-    from ..recipe import register_step
+    from ..registry import register_step
 
     if not issubclass(config_cls, QuantConfig):
         raise TypeError(f"{config_cls.__name__} must subclass QuantConfig")
@@ -160,7 +160,7 @@ def quantize_(pipe, config: QuantConfig, filter_fn: Callable[[str, torch.nn.Modu
 
 
 def _step_name(config: QuantConfig) -> str:
-    from ..recipe import STEPS
+    from ..registry import STEPS
 
     return next((name for name, s in STEPS.items() if type(config) is s.config_cls), type(config).__name__)
 

@@ -28,7 +28,7 @@ def _common(parser: argparse.ArgumentParser, out_default: str) -> None:
 
 
 def _setup(args: argparse.Namespace, image_size: int):
-    from .data import load_dataset
+    from ..data import load_dataset
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -115,7 +115,7 @@ class Trainer:
                 changed = sorted(k for k in previous.keys() | self.run.keys()
                                  if json.dumps(previous.get(k), sort_keys=True) != json.dumps(self.run.get(k), sort_keys=True))
                 raise TrainingError(f"{self.out} holds a different training run (differs in {', '.join(changed)}); "
-                                    "use another --out, or delete the folder to start over")
+                                    "use another output folder, or delete this one to start over")
         else:
             write_atomic(run_path, lambda tmp: tmp.write_text(json.dumps(self.run, indent=1)))
         ckpt = self.out / CHECKPOINT_FILE

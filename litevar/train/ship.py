@@ -9,10 +9,10 @@ import json
 import shutil
 from pathlib import Path
 
+from ..data import FASHION_MNIST_CLASSES
 from ..files import write_atomic
 from ..models.default import CARD_FILE, DEFAULT_DIR, VAE_FILE, VAR_FILE
 from ..models.loading import CheckpointError
-from .data import FASHION_MNIST_CLASSES
 from .export import read_model
 from .loop import DONE_FILE
 from .vae import VAE_WEIGHTS

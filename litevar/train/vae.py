@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..data import ImageSet, random_flip, to_model_range
 from ..models.configs import VQVAEConfig
 from ..models.quantizer import MultiScaleQuantizer
 from ..models.vqvae import VQVAE
-from .data import ImageSet, random_flip, to_model_range
 from .export import read_model, save_model
 from .loop import TrainConfig, Trainer
 

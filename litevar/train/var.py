@@ -16,11 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..data import ImageSet, to_model_range
 from ..files import reading, write_atomic
 from ..models.configs import VARConfig
 from ..models.var import VAR
 from ..models.vqvae import VQVAE
-from .data import ImageSet, to_model_range
 from .export import save_model
 from .loop import TrainConfig, Trainer, TrainingError
 from .vae import load_trained_vae

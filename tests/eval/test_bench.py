@@ -10,7 +10,8 @@ import torch
 
 from litevar.cli import main
 from litevar.eval import bench
-from litevar.recipe import STEPS, Recipe, RecipeError, register_step
+from litevar.recipe import Recipe, RecipeError
+from litevar.registry import STEPS, register_step
 
 FLOP_KEYS = ("attention", "linear", "decoder", "other", "total")
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from litevar.eval.classifier import (DEFAULT_CLASSIFIER_PATH, ClassifierError, FashionClassifier, class_consistency,
-                                     load_classifier, predict, train_classifier)
-from litevar.train.data import FASHION_MNIST_CLASSES, DatasetError, ImageSet, fashion_mnist_dir, to_model_range
+from litevar.eval.classifier import (DEFAULT_CLASSIFIER_PATH, ClassifierError, ClassifierTraining, FashionClassifier,
+                                     class_consistency, load_classifier, predict, train_classifier)
+from litevar.data import FASHION_MNIST_CLASSES, DatasetError, ImageSet, fashion_mnist_dir, to_model_range
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def test_images() -> ImageSet:
         fashion_mnist_dir()
     except DatasetError as err:
         pytest.skip(f"Fashion-MNIST data missing ({err})")
-    from litevar.train.data import load_fashion_mnist
+    from litevar.data import load_fashion_mnist
     data = load_fashion_mnist("test")
     return ImageSet(data.images[:1000], data.labels[:1000], data.class_names)
 
@@ -92,8 +92,8 @@ def test_missing_file_error(tmp_path):
 
 def test_tiny_training_learns_saves_and_loads(tmp_path, one_thread):
     train_set, test_set = _synthetic_set(80, seed=0), _synthetic_set(40, seed=1)
-    kwargs = dict(epochs=4, seed=3, batch_size=16, lr=1e-2, widths=(4, 8, 8), max_shift=1, progress=False,
-                  train_set=train_set, test_set=test_set)
+    training = ClassifierTraining(epochs=4, seed=3, batch_size=16, lr=1e-2, widths=(4, 8, 8), max_shift=1)
+    kwargs = dict(training=training, progress=False, train_set=train_set, test_set=test_set)
     result = train_classifier(tmp_path / "a.safetensors", **kwargs)
     again = train_classifier(tmp_path / "b.safetensors", **kwargs)
     assert result["epoch_losses"][-1] < result["epoch_losses"][0]

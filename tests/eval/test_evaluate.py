@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from litevar.cli import main
-from litevar.eval.evaluate import eval_jobs, evaluate, write_report
+from litevar.eval.evaluate import EvalSettings, evaluate, write_report
 from litevar.eval.fidelity import FidelityAccumulator, image_fidelity
 from litevar.eval.tables import compare_markdown
 
@@ -18,8 +18,8 @@ def tiny_args(ref_dir):
 
 
 def _run(recipe, tiny_args, **kw):
-    settings = dict(per_class=1, classes=[0, 3, 7, 9], batch_size=2, cache_dir=None, progress=False, **kw)
-    return evaluate(recipe, **tiny_args, **settings)
+    settings = EvalSettings(per_class=1, classes=[0, 3, 7, 9], batch_size=2, cache_dir=None, **kw)
+    return evaluate(recipe, settings, **tiny_args, progress=False)
 
 
 def test_dense_against_itself_is_the_identity(tiny_args):
@@ -116,15 +116,17 @@ def test_eval_cli_writes_resumes_and_rejects_bad_input(tmp_path, ref_dir, capsys
 
 
 def test_jobs_match_the_sample_layout():
-    labels, seeds = eval_jobs(10, 2, [3, 5], seed=7)
-    assert labels.tolist() == [3, 3, 5, 5] and seeds.tolist() == [7, 8, 9, 10]
-    with pytest.raises(ValueError, match="per_class"):
-        eval_jobs(10, 0)
+    assert EvalSettings(per_class=2, classes=[3, 5], seed=7).jobs(10).pairs() == [(3, 7), (3, 8), (5, 9), (5, 10)]
+    assert EvalSettings(per_class=1).jobs(3).pairs() == [(0, 0), (1, 1), (2, 2)]
+    with pytest.raises(ValueError, match="`per_class` must be a positive integer"):
+        EvalSettings(per_class=0)
+    with pytest.raises(ValueError, match="`data` together with `inception_weights`"):
+        EvalSettings(inception_weights="pt_inception.pth")
 
 
 def test_inception_needs_local_weights(tmp_path):
     from litevar.eval.inception import inception_scores
 
     images = np.zeros((2, 8, 8, 3), np.uint8)
-    with pytest.raises(ValueError, match="not found.*--inception-weights"):
+    with pytest.raises(ValueError, match="not found; `inception_weights` must be the path"):
         inception_scores(tmp_path / "pt_inception.pth", images, images)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import litevar
 from litevar import flops as fl
+from litevar.eval.generation_flops import count_generation_flops
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_sampling_closed_forms(tiny):
     pipe = tiny["fp32"]
     cfg, vae = pipe.config.var, pipe.config.vae
     B, C, H, d, V, Cv, depth = 2, cfg.width, cfg.heads, cfg.head_dim, cfg.vocab_size, cfg.z_channels, cfg.depth
-    report = fl.count_generation_flops(pipe, [1, 2], [0, 1])
+    report = count_generation_flops(pipe, [1, 2], [0, 1])
     lengths = [pn * pn for pn in cfg.patch_nums]
     seen = [sum(lengths[:s + 1]) for s in range(len(lengths))]
     attention = sum(4 * 2 * B * H * l * Ls * d for l, Ls in zip(lengths, seen)) * depth
@@ -94,7 +95,7 @@ def test_decoder_bucket_matches_its_convolutions_and_attention(tiny):
     handles += [m.register_forward_hook(lambda m, a, o: attn.append(4 * o.shape[0] * (o.shape[2] * o.shape[3]) ** 2 * m.channels))
                 for m in modules if type(m).__name__ == "AttnBlock"]
     try:
-        report = fl.count_generation_flops(pipe, [4], [7])
+        report = count_generation_flops(pipe, [4], [7])
     finally:
         for h in handles:
             h.remove()
@@ -102,8 +103,8 @@ def test_decoder_bucket_matches_its_convolutions_and_attention(tiny):
 
 
 def test_bf16_counts_the_same_as_fp32(tiny):
-    fp32 = fl.count_generation_flops(tiny["fp32"], [1, 2], [0, 1])
-    bf16 = fl.count_generation_flops(tiny["bf16"], [1, 2], [0, 1])
+    fp32 = count_generation_flops(tiny["fp32"], [1, 2], [0, 1])
+    bf16 = count_generation_flops(tiny["bf16"], [1, 2], [0, 1])
     for key in (*fl.BUCKETS, "total", "per_scale"):
         assert fp32[key] == bf16[key], key
     assert not bf16["uncounted"]

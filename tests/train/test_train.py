@@ -9,7 +9,7 @@ import torch
 
 from litevar.models.configs import VARConfig, VQVAEConfig
 from litevar.train import loop
-from litevar.train.data import ImageSet
+from litevar.data import ImageSet
 from litevar.train.export import read_model
 from litevar.train.loop import TrainConfig, TrainingError, read_log
 from litevar.train.vae import VAE_WEIGHTS, load_trained_vae, train_vae
