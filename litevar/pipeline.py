@@ -252,8 +252,7 @@ class Pipeline:
         cond_BD, block_mods, head_mod = var.conditioning(torch.cat((labels_B, torch.full_like(labels_B, vcfg.num_classes))))
         level_pos = var.level_pos()
         x_BLC = var.first_tokens(cond_BD, level_pos)
-        caches = [self.attention.kv.make(2 * B, vcfg.heads, vcfg.seq_len, vcfg.head_dim, self.dtype, self.device)
-                  for _ in var.blocks]
+        caches = self.attention.make_caches(2 * B, vcfg, self.dtype, self.device)
         ctx = AttnContext(kv_caches=caches, cfg_batch=B)
         side = vcfg.patch_nums[-1]
         f_hat = torch.zeros(B, vcfg.z_channels, side, side, device=self.device)

@@ -7,6 +7,7 @@ component      what it decides                             set by
 ``sharing``    CFG halves sharing outputs or probabilities ``asc``
 ``precision``  quantized QK^T / PV inputs and softmax      quantization ``attn_bits``
 ``kv``         how the KV cache stores keys and values     ``kv-cache``
+``kv_policy``  which keys the KV cache keeps (budgets)     ``kv-compress``
 ``kernel``     which kernel computes (default ``auto``)    ``mdwa`` ``backend``
 =============  ==========================================  ===================
 
@@ -24,7 +25,7 @@ import torch
 from .kv_cache import Int8KVCache, KVCache
 from .windows import WindowPlan
 
-COMPONENTS = ("selection", "sharing", "precision", "kv", "kernel")
+COMPONENTS = ("selection", "sharing", "precision", "kv", "kv_policy", "kernel")
 KV_STORAGES = {"model": KVCache, "int8": Int8KVCache}
 
 
@@ -89,6 +90,9 @@ class AttentionComponents:
         sharing: a :class:`~litevar.attention.cfg_shared.SharingSchedule`, or None for no CFG sharing.
         precision: an object with ``quantize_qkv(q, k, v)`` and ``quantize_probs(p)``, or None for float attention.
         kv: the KV cache storage.
+        kv_policy: an object with ``groups(layer) -> [(head indices, budget), ...]``, ``select``,
+            ``observation`` and ``shared_rows`` (see :class:`~litevar.attention.kv_compressed.CompressedKVCache`),
+            or None to keep every key.
         kernel: the dispatcher's kernel choice (see :mod:`litevar.attention.dispatch`).
 
     Example:
@@ -102,6 +106,7 @@ class AttentionComponents:
     sharing: Any = None
     precision: Any = None
     kv: KVCacheSpec = field(default_factory=KVCacheSpec)
+    kv_policy: Any = None
     kernel: str = "auto"
     owners: dict[str, str] = field(default_factory=dict)
 
@@ -114,10 +119,29 @@ class AttentionComponents:
                                     f"{component}; keep one of them")
         setattr(self, component, value)
         self.owners[component] = by
+        self._check()
+
+    def _check(self) -> None:
+        policy, sharing = self.kv_policy, self.sharing
+        if policy is not None and sharing is not None and sharing.mode == "map" and not policy.shared_rows:
+            raise ComponentConflict(f"steps {self.owners['sharing']!r} (map sharing) and {self.owners['kv_policy']!r} "
+                                    "(per-row KV selection) cannot run together: the conditional probabilities "
+                                    "would be applied to other keys; use the KV policy's cfg: shared")
+
+    def make_caches(self, rows: int, cfg, dtype: torch.dtype, device) -> list:
+        """One KV cache per block for sampling ``rows`` rows of a model of config ``cfg``."""
+        if self.kv_policy is None:
+            return [self.kv.make(rows, cfg.heads, cfg.seq_len, cfg.head_dim, dtype, device) for _ in range(cfg.depth)]
+        from .kv_compressed import CompressedKVCache
+
+        return [CompressedKVCache(rows, cfg.heads, cfg.head_dim, dtype, device, self.kv_policy.groups(layer),
+                                  self.kv_policy, layer, cfg.patch_nums, self.kv.storage)
+                for layer in range(cfg.depth)]
 
     def describe(self) -> dict[str, Any]:
         """What is configured, for reports (``litevar bench`` JSON)."""
         return {"selection": None if self.selection is None else round(self.selection.plan.kept_fraction(), 6),
                 "sharing": None if self.sharing is None else self.sharing.mode,
                 "precision": None if self.precision is None else getattr(self.precision, "bits", True),
-                "kv_storage": self.kv.storage, "kernel": self.kernel, "set_by": dict(self.owners)}
+                "kv_storage": self.kv.storage, "kernel": self.kernel, "set_by": dict(self.owners),
+                "kv_policy": None if self.kv_policy is None else self.kv_policy.describe()}

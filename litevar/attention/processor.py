@@ -14,11 +14,14 @@ Order of execution in each call (KV-cached sampling; a teacher-forced pass has n
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .components import AttentionComponents
 from .context import AttnContext
 from .dispatch import KernelDispatcher
+from .kv_compressed import CompressedKVCache
 
 
 class ComposedAttnProcessor:
@@ -50,6 +53,9 @@ class ComposedAttnProcessor:
         rows = x_BLC[:B] if share == "output" else x_BLC
         q, k, v = attn.project_qkv(rows)
         out_dtype = q.dtype
+        if ctx.kv_caches is not None and isinstance(ctx.kv_caches[layer], CompressedKVCache):
+            out = self._attend_compressed(attn, ctx.kv_caches[layer], q, k, v, si, share, B)
+            return self._finish(attn, out, q.dtype, layer, si, int(rows.shape[0]), share)
         if ctx.kv_caches is not None:
             cache = ctx.kv_caches[layer]
             k, v = cache.append_rows(k, v, rows=B) if share == "output" else cache.append(k, v)
@@ -61,11 +67,41 @@ class ComposedAttnProcessor:
             q, k = q[:B], k[:B]
         out = self.dispatcher.attend(layer, si if ctx.kv_caches is not None else None, q, k, v, attn.softmax_scale,
                                      parts.selection, ctx.attn_bias, probs_fn)
-        key = (layer, si if ctx.kv_caches is not None else None)
-        self.trace[key] = {"kernel": self.dispatcher.trace[key], "rows": int(rows.shape[0]),
-                           "shared": share}
-        y_BLC = attn.project_out(out.to(out_dtype))
+        return self._finish(attn, out, out_dtype, layer, si if ctx.kv_caches is not None else None,
+                            int(rows.shape[0]), share)
+
+    def _finish(self, attn, out: torch.Tensor, dtype: torch.dtype, layer: int, si, rows: int, share) -> torch.Tensor:
+        self.trace[(layer, si)] = {"kernel": self.dispatcher.trace[(layer, si)], "rows": rows, "shared": share}
+        y_BLC = attn.project_out(out.to(dtype))
         return torch.cat((y_BLC, y_BLC)) if share == "output" else y_BLC
+
+    def _attend_compressed(self, attn, cache: CompressedKVCache, q, k, v, si: int, share, B) -> torch.Tensor:
+        """Attention over a compressed cache: per head group, over its kept history and the new scale (window
+        masks re-indexed through the kept positions); then the cache keeps its budget for the next scale."""
+        parts, layer = self.components, attn.block_idx
+        rows, l = q.shape[0], q.shape[2]
+        cands = cache.candidates(k, v, si, rows)
+        out = q.new_empty(rows, q.shape[1], l, v.shape[-1])
+        for cand in cands:
+            q_g, k_g, v_g = q[:, cand.heads], cand.k, cand.v
+            probs_fn = None
+            if parts.precision is not None:
+                q_g, k_g, v_g = parts.precision.quantize_qkv(q_g, k_g, v_g)
+                probs_fn = parts.precision.quantize_probs
+            bias = None
+            if parts.selection is not None:
+                keep = parts.selection.keep_mask(layer, si).to(q.device)[cand.heads]  # [g, l, keys so far]
+                index = cand.positions.unsqueeze(2).expand(-1, -1, l, -1)
+                kept = keep.unsqueeze(0).expand(rows, -1, -1, -1).gather(3, index)
+                kept |= ~kept.any(dim=-1, keepdim=True)  # a query whose window was evicted sees what is kept
+                bias = torch.zeros(kept.shape, dtype=q_g.dtype, device=q.device).masked_fill_(~kept, -math.inf)
+            if share == "map":
+                q_g, k_g = q_g[:B], k_g[:B]
+                bias = None if bias is None else bias[:B]
+            out[:, cand.heads] = self.dispatcher.attend(layer, si, q_g, k_g, v_g, attn.softmax_scale, None, bias,
+                                                        probs_fn).to(out.dtype)
+        cache.commit(si, q, attn.softmax_scale, cands)
+        return out
 
     def report(self) -> dict:
         """The last generation's attention, for reports: the kernel per (layer, scale) and the CFG sharing calls."""

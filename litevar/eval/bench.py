@@ -103,7 +103,7 @@ def _summary(runs: list[tuple[float, dict]]) -> dict[str, Any]:
     per_scale = [statistics.median(values) for values in zip(*(t["per_scale"] for _, t in runs))]
     return {"seconds": statistics.median(s for s, _ in runs), "seconds_all": [s for s, _ in runs],
             "stages_s": {k: statistics.median(t[k] for _, t in runs) for k in STAGES}, "per_scale_s": per_scale,
-            "kv_cache_bytes": runs[-1][1]["kv_cache_bytes"]}
+            "kv_cache_bytes": runs[-1][1]["kv_cache_bytes"], "kv_reserved_bytes": runs[-1][1]["kv_reserved_bytes"]}
 
 
 def _attention_layer_seconds(pipe, labels, seeds, sampling: dict, device: torch.device) -> float:
@@ -127,6 +127,24 @@ def _attention_layer_seconds(pipe, labels, seeds, sampling: dict, device: torch.
         for handle in handles:
             handle.remove()
     return state["total"]
+
+
+def _attention_report(pipe) -> dict[str, Any]:
+    """Which kernel ran per (layer, scale) and how often CFG halves shared, in the generation just run."""
+    processor = pipe.var.blocks[0].attn.processor
+    if not hasattr(processor, "report"):  # the dense oracle processor: SDPA everywhere, nothing shared
+        return {"components": pipe.attention.describe(), "kernels": "sdpa"}
+    return processor.report()
+
+
+def _int8_modules(pipe) -> dict[str, int]:
+    """Integer-kernel modules by type (what runs on int8 units)."""
+    counts: dict[str, int] = {}
+    for module in (*pipe.var.modules(), *pipe.vae.modules()):
+        name = type(module).__name__
+        if name.startswith(("Int8", "WeightOnly")):
+            counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def _weight_bytes(module: torch.nn.Module) -> int:
@@ -159,6 +177,7 @@ def measure_variant(spec: dict[str, Any]) -> dict[str, Any]:
     batch = spec["batch"]
     labels, seeds = JobList(range(pipe.num_classes), samples=batch, seed=spec["seed"]).batch(range(batch))
     flops = count_generation_flops(pipe, labels[:1], seeds[:1], **sampling)
+    attention = _attention_report(pipe)
     for _ in range(spec["warmup"]):
         pipe.generate(labels[:1], seed=seeds[:1], progress=False, **sampling)
         pipe.generate(labels, seed=seeds, progress=False, **sampling)
@@ -177,7 +196,8 @@ def measure_variant(spec: dict[str, Any]) -> dict[str, Any]:
         "per_scale_s": latency["per_scale_s"], "stages_s": latency["stages_s"],
         "latency": {"batch": 1, **latency},
         "throughput": {"batch": batch, **throughput},
-        "kv_cache_bytes": throughput["kv_cache_bytes"], "attention_layer_s": attention_s,
+        "kv_cache_bytes": throughput["kv_cache_bytes"], "kv_reserved_bytes": throughput["kv_reserved_bytes"],
+        "attention_layer_s": attention_s, "attention": attention, "int8_modules": _int8_modules(pipe),
         "weight_bytes": {**weights, "total": sum(weights.values())},
         "flops": flops, "threads": torch.get_num_threads(), "labels": labels, "seeds": seeds, "sampling": sampling,
         "patch_nums": list(pipe.config.var.patch_nums), "device": str(device), "pid": os.getpid(),

@@ -1,0 +1,1 @@
+"""KV-cache compression: head classification (HACK) and eviction policies on one compaction API."""

@@ -1,0 +1,72 @@
+"""``litevar calibrate-kv``: HACK's head classification for a model, as a file (and a figure of it)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..cli_args import UsageError, add_model_args, check_writable, positive
+from ..files import write_atomic
+from .heads import classify, measure_head_variance, natural_alpha, save_heads
+
+
+def draw_heads(variance: torch.Tensor, alpha: float, path: Path) -> None:
+    """Each head's summed column variance (log scale) by layer, contextual heads (lowest alpha share) in blue."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    contextual = classify(variance, alpha)
+    depth, heads = variance.shape
+    fig = Figure(figsize=(max(4.0, 0.35 * depth + 2), 3.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, mask, colour in (("structural", ~contextual, "tab:red"), ("contextual", contextual, "tab:blue")):
+        layer, head = torch.nonzero(mask, as_tuple=True)
+        ax.scatter(layer.numpy(), variance[layer, head].clamp_min(1e-12).numpy(), s=14, c=colour, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("column variance of last-scale attention")
+    ax.set_title(f"{int(contextual.sum())} of {depth * heads} heads contextual (alpha {alpha:.2f})", fontsize=9)
+    ax.set_xticks(range(depth))
+    ax.legend(fontsize=8)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
+
+def cmd_calibrate_kv(args: argparse.Namespace) -> None:
+    from ..pipeline import load_pipeline
+
+    positive("--samples", args.samples)
+    positive("--batch-size", args.batch_size)
+    out = Path(args.out)
+    if out.suffix != ".json":
+        raise UsageError(f"--out must name a .json file, got {out}")
+    check_writable(out.parent)
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"{out} exists; use another --out or --overwrite to replace it")
+    pipe = load_pipeline(args.var_ckpt, args.vae_ckpt, config=args.config, device=args.device, dtype=args.dtype)
+    variance = measure_head_variance(pipe, args.samples, args.batch_size, args.seed, progress=not args.no_progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload: dict[str, Any] = save_heads(out, variance, pipe.identity(), args.samples)
+    draw_heads(variance, payload["alpha"], out.with_suffix(".png"))
+    contextual = classify(variance, natural_alpha(variance))
+    print(f"wrote {out} ({int(contextual.sum())} of {contextual.numel()} heads contextual at the calibrated alpha "
+          f"{payload['alpha']:.3f}) and {out.with_suffix('.png')}")
+
+
+def add_kv_commands(sub: Any) -> None:
+    """Register ``litevar calibrate-kv``."""
+    c = sub.add_parser("calibrate-kv", help="classify attention heads as structural/contextual (HACK) for kv-compress",
+                       description="Generates --samples images, measures each head's column variance of last-scale "
+                       "attention, writes OUT (variances, calibrated alpha, model identity) and OUT with .png.")
+    add_model_args(c)
+    c.add_argument("--samples", type=int, default=16, help="calibration images (default 16; HACK: stable from 1)")
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--seed", type=int, default=100000, help="image i uses seed + i (kept apart from eval seeds)")
+    c.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--out", required=True, help="output .json file")
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=cmd_calibrate_kv)
