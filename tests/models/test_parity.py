@@ -23,7 +23,7 @@ def test_vqvae_latent_and_reconstruction(tiny_pipe, reference):
         f = tiny_pipe.vae.img_to_f(reference["vae.input_img"])
     torch.testing.assert_close(f, reference["vae.f"], rtol=0, atol=5e-5)  # float32 summation order differs by CPU: 1.9e-5 seen on an AVX2-only EPYC
     recon = tiny_pipe.vae.idx_to_img(reference["vae.idx_Bl"])
-    assert (recon - reference["vae.recon_img"]).abs().max() <= 1e-5
+    assert (recon - reference["vae.recon_img"]).abs().max() <= 5e-5  # 1.9e-5 on an AVX2-only EPYC (summation order)
 
 
 def test_teacher_forcing_input_and_logits(tiny_pipe, reference):
