@@ -27,14 +27,12 @@ class Candidates:
         heads: long [g], the model's head indices of the group.
         k, v: [rows, g, n, head_dim] keys/values (history then new tokens).
         positions: long [rows, g, n] original token positions.
-        new_tokens: how many of the n are the current scale's (the last ones).
     """
 
     heads: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     positions: torch.Tensor
-    new_tokens: int
 
 
 @dataclass
@@ -95,7 +93,6 @@ class CompressedKVCache:
         self.scale_of = torch.cat([torch.full((n,), s, dtype=torch.long) for s, n in enumerate(sizes)]).to(device)
         self.begins = [sum(sizes[:s]) for s in range(len(sizes))]
         self.last_scale = len(sizes) - 1
-        self.length = 0  # tokens seen so far (all scales, before compression)
 
     def candidates(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor, scale: int, rows: int) -> list[Candidates]:
         """The keys/values each group attends to at ``scale``: its kept history and the new tokens (first
@@ -113,8 +110,7 @@ class CompressedKVCache:
                 pos_all = torch.cat((group["positions"][:rows, :, :store.length].long(), pos_new), dim=2)
             else:
                 k_all, v_all, pos_all = k_new, v_new, pos_new
-            out.append(Candidates(heads, k_all, v_all, pos_all, n))
-        self.length = self.begins[scale] + n
+            out.append(Candidates(heads, k_all, v_all, pos_all))
         return out
 
     @torch.no_grad()
