@@ -18,6 +18,7 @@ from .models.kernels import install_inference_fusions
 from .models.configs import PipelineConfig, load_config
 from .models.loading import CheckpointError, infer_config, load_strict, read_state_dict, resolve_hub
 from .models.default import default_model
+from .models.mvar import MVAR, build_transformer
 from .models.var import VAR
 from .models.vqvae import VQVAE
 from .sampling import sample_tokens
@@ -252,8 +253,11 @@ class Pipeline:
         cond_BD, block_mods, head_mod = var.conditioning(torch.cat((labels_B, torch.full_like(labels_B, vcfg.num_classes))))
         level_pos = var.level_pos()
         x_BLC = var.first_tokens(cond_BD, level_pos)
-        caches = self.attention.make_caches(2 * B, vcfg, self.dtype, self.device)
-        ctx = AttnContext(kv_caches=caches, cfg_batch=B)
+        if isinstance(var, MVAR):  # attention within each scale (no KV cache); Mamba state carried across scales
+            caches, ctx = [], var.sampling_context(2 * B, B)
+        else:
+            caches = self.attention.make_caches(2 * B, vcfg, self.dtype, self.device)
+            ctx = AttnContext(kv_caches=caches, cfg_batch=B)
         side = vcfg.patch_nums[-1]
         f_hat = torch.zeros(B, vcfg.z_channels, side, side, device=self.device)
         codebook = quant.embedding.weight
@@ -283,14 +287,16 @@ class Pipeline:
         clock.lap("decoder")
         clock.totals["kv_cache_bytes"] = sum(c.nbytes() for c in caches)
         clock.totals["kv_reserved_bytes"] = sum(c.reserved_bytes() for c in caches)
+        if isinstance(var, MVAR):
+            clock.totals["mamba_state_bytes"] = ctx.state_bytes()
         return GenerationOutput(images, tokens, labels_B, clock.totals if timings else {})
 
 
 def _build(config: PipelineConfig, var_state, vae_state, var_name: str, vae_name: str) -> tuple[VAR, VQVAE]:
     with torch.device("meta"):
-        var = VAR(config.var)
+        var = build_transformer(config.var)
         vae = VQVAE(config.vae)
-    load_strict(var, var_state, f"VAR checkpoint {var_name}")
+    load_strict(var, var_state, f"{'M-VAR' if isinstance(var, MVAR) else 'VAR'} checkpoint {var_name}")
     load_strict(vae, vae_state, f"VQ-VAE checkpoint {vae_name}")
     return var, vae
 
@@ -301,8 +307,9 @@ def load_pipeline(var_ckpt: str | Path | None = None, vae_ckpt: str | Path | Non
     """Load a VAR transformer and its VQ-VAE strictly (every key and shape must match).
 
     Args:
-        var_ckpt: ``.pth``/``.safetensors`` path, or a released model name ``"var-d16"`` ... ``"var-d36"``
-            (resolved through the Hugging Face cache; then ``vae_ckpt`` defaults to the released VQ-VAE).
+        var_ckpt: ``.pth``/``.safetensors`` path (a VAR or an M-VAR: the architecture is read from the keys), or
+            a released model name ``"var-d16"`` ... ``"var-d36"``, ``"mvar-d16"`` ... ``"mvar-d32"`` (resolved
+            through the Hugging Face cache; then ``vae_ckpt`` defaults to the released VQ-VAE).
             None (and no ``vae_ckpt``): the shipped default model (Fashion-MNIST, see its model card),
             with its recommended sampling settings as ``pipe.sampling``.
         vae_ckpt: the VQ-VAE checkpoint path.
@@ -325,7 +332,7 @@ def load_pipeline(var_ckpt: str | Path | None = None, vae_ckpt: str | Path | Non
         var_ckpt, vae_ckpt, card = default_model()
         config = card["config"] if config is None else config
         sampling, class_names = card["sampling"], card.get("class_names")
-    if not Path(var_ckpt).exists() and re.fullmatch(r"var[-_]d\d+", str(var_ckpt)):
+    if not Path(var_ckpt).exists() and re.fullmatch(r"m?var[-_]d\d+", str(var_ckpt)):
         hub_var, hub_vae = resolve_hub(str(var_ckpt))
         var_ckpt, vae_ckpt = hub_var, vae_ckpt or hub_vae
     if vae_ckpt is None:
@@ -349,7 +356,7 @@ def random_pipeline(config: str | dict | PipelineConfig, seed: int = 0, device: 
     cfg = load_config(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        var, vae = VAR(cfg.var), VQVAE(cfg.vae)
+        var, vae = build_transformer(cfg.var), VQVAE(cfg.vae)
     var.to(device=device, dtype=parse_dtype(dtype)).eval().requires_grad_(False)
     vae.to(device=device).eval().requires_grad_(False)
     vae.cast_(parse_dtype(dtype))

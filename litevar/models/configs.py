@@ -141,6 +141,42 @@ class VARConfig:
 
 
 @dataclass
+class MVARConfig(VARConfig):
+    """M-VAR (arXiv 2411.10433): VAR's embeddings and head, blocks of intra-scale attention, Mamba-2 and FFN.
+
+    Args:
+        (VARConfig's fields), and the Mamba-2 layer's:
+        d_state: SSM state size N.
+        d_conv: the causal conv's width.
+        expand: Mamba-2's inner width over C.
+        headdim: Mamba-2's head size P (heads = expand * C / P).
+
+    Example:
+        >>> MVARConfig(depth=16, attn_l2_norm=False).mamba_heads
+        32
+    """
+
+    d_state: int = 64
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if min(self.d_state, self.d_conv, self.expand, self.headdim) < 1:
+            raise ConfigError("mvar.d_state, d_conv, expand and headdim must be >= 1")
+        if (self.expand * self.width) % self.headdim:
+            raise ConfigError(f"mvar: expand * width ({self.expand * self.width}) must be a multiple of headdim "
+                              f"({self.headdim})")
+        if self.shared_aln:
+            raise ConfigError("mvar.shared_aln is not supported (upstream's shared-AdaLN path is broken)")
+
+    @property
+    def mamba_heads(self) -> int:
+        return self.expand * self.width // self.headdim
+
+
+@dataclass
 class PipelineConfig:
     """A VAR transformer and its VQ-VAE tokenizer (their pyramids and codebooks must agree)."""
 
@@ -155,8 +191,13 @@ class PipelineConfig:
                 f"VAR expects vocab {self.var.vocab_size} x {self.var.z_channels} channels but the VQ-VAE has "
                 f"{self.vae.vocab_size} x {self.vae.z_channels}")
 
+    @property
+    def arch(self) -> str:
+        """``"mvar"`` for an M-VAR transformer, ``"var"`` for VAR."""
+        return "mvar" if isinstance(self.var, MVARConfig) else "var"
+
     def to_dict(self) -> dict[str, Any]:
-        return {"var": dataclasses.asdict(self.var), "vae": dataclasses.asdict(self.vae)}
+        return {self.arch: dataclasses.asdict(self.var), "vae": dataclasses.asdict(self.vae)}
 
 
 PRESETS: dict[str, PipelineConfig] = {
@@ -169,12 +210,21 @@ PRESETS: dict[str, PipelineConfig] = {
 }
 
 
+# upstream's README: the small M-VARs (d16, d20) were trained with attn_l2_norm=False
+MVAR_PRESETS: dict[str, PipelineConfig] = {
+    f"d{depth}": PipelineConfig(MVARConfig(depth=depth, attn_l2_norm=depth > 20)) for depth in (16, 20, 24, 32)}
+
+
 def from_name(name: str) -> PipelineConfig:
-    """The configuration of a released model: ``"d16"`` ... ``"d36"`` (``"var-d16"`` also accepted)."""
-    key = name.removeprefix("var-").removeprefix("var_")
-    if key not in PRESETS:
-        raise ConfigError(f"unknown model {name!r}; known: {', '.join('var-' + k for k in PRESETS)}")
-    preset = PRESETS[key]
+    """The configuration of a released model: ``"d16"`` ... ``"d36"`` (``"var-d16"`` also accepted), or an M-VAR
+    ``"mvar-d16"`` ... ``"mvar-d32"``."""
+    presets, key = PRESETS, name.removeprefix("var-").removeprefix("var_")
+    if name.startswith(("mvar-", "mvar_")):
+        presets, key = MVAR_PRESETS, name[5:]
+    if key not in presets:
+        known = [f"var-{k}" for k in PRESETS] + [f"mvar-{k}" for k in MVAR_PRESETS]
+        raise ConfigError(f"unknown model {name!r}; known: {', '.join(known)}")
+    preset = presets[key]
     return PipelineConfig(dataclasses.replace(preset.var), dataclasses.replace(preset.vae))
 
 
@@ -209,15 +259,42 @@ def config_from_dict(raw: dict[str, Any]) -> PipelineConfig:
         ...                   "vae": {"ch": 32, "vocab_size": 64, "z_channels": 8, "v_patch_nums": [1, 2]}}).var.width
         128
     """
+    if isinstance(raw, dict) and "mvar" in raw:
+        return _mvar_config_from_dict(raw)
     if not isinstance(raw, dict) or set(raw) - {"var", "vae"} or "var" not in raw:
-        raise ConfigError('a config must be a dict {"var": {...}, "vae": {...}}')
+        raise ConfigError('a config must be a dict {"var": {...}, "vae": {...}} (or {"mvar": {...}, "vae": {...}})')
     vae = _build(VQVAEConfig, raw.get("vae", {}), _UPSTREAM_VAE_KEYS, "vae")
-    var_raw = dict(raw["var"])
+    return _with_vae(VARConfig, dict(raw["var"]), raw, vae)
+
+
+# upstream's Mamba2 arguments that M-VAR must have at these values (litevar implements only these)
+_MAMBA2_FIXED = {"ngroups": 1, "D_has_hdim": False, "rmsnorm": True, "norm_before_gate": False, "bias": False,
+                 "conv_bias": True}
+_MAMBA2_INIT_ONLY = {"A_init_range", "dt_min", "dt_max", "dt_init_floor", "chunk_size", "dt_limit"}
+
+
+def _mvar_config_from_dict(raw: dict[str, Any]) -> PipelineConfig:
+    """``{"mvar": {...}, "vae": {...}}`` with an optional upstream ``"mamba2": {...}`` section."""
+    if set(raw) - {"mvar", "vae", "mamba2"}:
+        raise ConfigError(f'an M-VAR config has the sections "mvar", "vae" and "mamba2", got {sorted(raw)}')
+    vae = _build(VQVAEConfig, raw.get("vae", {}), _UPSTREAM_VAE_KEYS, "vae")
+    var_raw = dict(raw["mvar"])
+    for key, value in (raw.get("mamba2") or {}).items():
+        if key in _MAMBA2_FIXED:
+            if value != _MAMBA2_FIXED[key]:
+                raise ConfigError(f"mamba2.{key}={value!r} is not supported (litevar's Mamba-2 has "
+                                  f"{key}={_MAMBA2_FIXED[key]!r})")
+        elif key not in _MAMBA2_INIT_ONLY:
+            var_raw[key] = value
+    return _with_vae(MVARConfig, var_raw, raw, vae)
+
+
+def _with_vae(cls: type, var_raw: dict[str, Any], raw: dict[str, Any], vae: VQVAEConfig) -> PipelineConfig:
     var_raw.setdefault("vocab_size", vae.vocab_size)
     var_raw.setdefault("z_channels", vae.z_channels)
     if "vae" not in raw or not any(k in raw["vae"] for k in ("patch_nums", "v_patch_nums")):
         vae.patch_nums = tuple(var_raw.get("patch_nums", vae.patch_nums))
-    var = _build(VARConfig, var_raw, _UPSTREAM_VAR_KEYS, "var")
+    var = _build(cls, var_raw, _UPSTREAM_VAR_KEYS, "mvar" if cls is MVARConfig else "var")
     return PipelineConfig(var, vae)
 
 

@@ -10,11 +10,13 @@ import torch
 import torch.nn as nn
 
 from ..files import error_cause
-from .configs import (PRESETS, ConfigError, PipelineConfig, VARConfig, VQVAEConfig, from_name,
-                      pyramid_from_lengths)
+from .configs import (MVAR_PRESETS, PRESETS, ConfigError, MVARConfig, PipelineConfig, VARConfig, VQVAEConfig,
+                      from_name, pyramid_from_lengths)
 
 HUB_REPO = "FoundationVision/var"
 HUB_VAE_FILE = "vae_ch160v4096z32.pth"
+MVAR_HUB_REPO = "OliverRen/M-VAR"
+MAMBA_KEY = "blocks.0.mamba.in_proj.weight"
 MAX_LISTED_KEYS = 10
 MAX_SCALES = 64  # bounds what a corrupt lvl_1L can make torch.bincount allocate
 
@@ -70,16 +72,36 @@ def infer_var_config(state: dict[str, torch.Tensor]) -> VARConfig:
         if not levels.numel() or int(levels.min()) < 0 or int(levels.max()) >= MAX_SCALES:
             raise ValueError(f"lvl_1L must hold scale indices 0..{MAX_SCALES - 1}")
         counts = torch.bincount(levels).tolist()
-        return VARConfig(
+        fields = dict(
             depth=_depth(state), width=width, heads=state[scale_key].shape[1] if l2 else max(width // 64, 1),
             mlp_ratio=state["blocks.0.ffn.fc1.weight"].shape[0] / width, shared_aln="shared_ada_lin.1.weight" in state,
             attn_l2_norm=l2, num_classes=state["class_emb.weight"].shape[0] - 1,
             patch_nums=pyramid_from_lengths(counts), vocab_size=state["head.weight"].shape[0], z_channels=z_channels)
+        if MAMBA_KEY in state:
+            return MVARConfig(**fields, **_mamba_fields(state, width))
+        return VARConfig(**fields)
     except ConfigError:
         raise
     except (ValueError, TypeError, IndexError, KeyError, RuntimeError, ZeroDivisionError) as err:
         raise CheckpointError(f"a VAR transformer checkpoint with malformed tensors: its configuration cannot be "
                               f"inferred ({error_cause(err)}); pass its config, or re-save its state_dict") from None
+
+
+def _mamba_fields(state: dict[str, torch.Tensor], width: int) -> dict[str, int]:
+    """Mamba-2 sizes from ``blocks.0.mamba.*``: d_inner from the norm, N from the conv channels, P from the heads."""
+    d_inner = state["blocks.0.mamba.norm.weight"].shape[0]
+    conv_channels, _, d_conv = state["blocks.0.mamba.conv1d.weight"].shape
+    heads = state["blocks.0.mamba.dt_bias"].shape[0]
+    if d_inner % width or d_inner % heads or (conv_channels - d_inner) % 2:
+        raise ValueError(f"Mamba-2 sizes do not fit together (d_inner {d_inner}, {conv_channels} conv channels, "
+                         f"{heads} heads, width {width})")
+    return dict(d_state=(conv_channels - d_inner) // 2, d_conv=d_conv, expand=d_inner // width,
+                headdim=d_inner // heads)
+
+
+def architecture(state: dict[str, torch.Tensor]) -> str:
+    """``"M-VAR"`` for a state_dict with Mamba-2 blocks, ``"VAR"`` otherwise."""
+    return "M-VAR" if any(".mamba." in k for k in state) else "VAR"
 
 
 def infer_vae_config(state: dict[str, torch.Tensor], patch_nums: tuple[int, ...] | None = None) -> VQVAEConfig:
@@ -127,10 +149,12 @@ def describe(state: dict[str, torch.Tensor]) -> str:
     except (CheckpointError, ConfigError, KeyError, IndexError, RuntimeError):
         var = None
     if var is not None:
-        for name, preset in PRESETS.items():
+        mvar = isinstance(var, MVARConfig)
+        arch = "an M-VAR" if mvar else "a VAR"
+        for name, preset in (MVAR_PRESETS if mvar else PRESETS).items():
             if (preset.var.depth, preset.var.width) == (var.depth, var.width):
-                return f"; it looks like a VAR {name} checkpoint (depth {var.depth}, width {var.width})"
-        return f"; it looks like a VAR with depth {var.depth}, width {var.width}, {var.heads} heads"
+                return f"; it looks like {arch} {name} checkpoint (depth {var.depth}, width {var.width})"
+        return f"; it looks like {arch} with depth {var.depth}, width {var.width}, {var.heads} heads"
     if "quantize.embedding.weight" in state:
         vocab, z = state["quantize.embedding.weight"].shape
         return f"; it looks like a VQ-VAE checkpoint (vocab {vocab}, {z} latent channels)"
@@ -142,8 +166,21 @@ def _listed(keys: list[str]) -> str:
     return shown + (f" (+{len(keys) - MAX_LISTED_KEYS} more)" if len(keys) > MAX_LISTED_KEYS else "")
 
 
+def check_architecture(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise CheckpointError (one line) when a VAR file meets an M-VAR model or the reverse."""
+    wanted, found = architecture(model.state_dict()), architecture(state)
+    if "word_embed.weight" in state and wanted != found:
+        def article(arch: str) -> str:
+            return f"an {arch}" if arch == "M-VAR" else f"a {arch}"
+
+        size = f" (depth {_depth(state)}, width {state['word_embed.weight'].shape[0]})"
+        raise CheckpointError(f"{what} is {article(found)} checkpoint{size} but the configuration describes "
+                              f"{article(wanted)}; pass {article(found)} config (or none, to infer it from the file)")
+
+
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """Raise CheckpointError naming missing/unexpected keys and wrong shapes (up to 10 each)."""
+    check_architecture(model, state, what)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     extra = [k for k in state if k not in expected]
@@ -173,20 +210,27 @@ def infer_config(var_state: dict[str, torch.Tensor], vae_state: dict[str, torch.
     return PipelineConfig(var_cfg, infer_vae_config(vae_state, var_cfg.patch_nums))
 
 
-def hub_files(name: str) -> tuple[str, str]:
-    """(VAR file, VQ-VAE file) names of a released model on the hub repo ``FoundationVision/var``."""
+def hub_files(name: str) -> tuple[tuple[str, str], tuple[str, str]]:
+    """((repo, transformer file), (repo, VQ-VAE file)) of a released model: VAR's on ``FoundationVision/var``,
+    M-VAR's (``mvar-d16`` ... ``mvar-d32``, file ``d16.pth`` ...) on ``OliverRen/M-VAR`` with VAR's VQ-VAE."""
     from_name(name)
-    return f"var_{name.removeprefix('var-').removeprefix('var_')}.pth", HUB_VAE_FILE
+    if name.startswith(("mvar-", "mvar_")):
+        return (MVAR_HUB_REPO, f"{name[5:]}.pth"), (HUB_REPO, HUB_VAE_FILE)
+    return (HUB_REPO, f"var_{name.removeprefix('var-').removeprefix('var_')}.pth"), (HUB_REPO, HUB_VAE_FILE)
 
 
 def resolve_hub(name: str) -> tuple[Path, Path]:
     """Local paths of a released model's files, from the Hugging Face cache or downloaded into it."""
-    var_file, vae_file = hub_files(name)
+    (var_repo, var_file), (vae_repo, vae_file) = hub_files(name)
     try:
         from huggingface_hub import hf_hub_download
-        return tuple(Path(hf_hub_download(HUB_REPO, f)) for f in (var_file, vae_file))
+        return tuple(Path(hf_hub_download(repo, f)) for repo, f in ((var_repo, var_file), (vae_repo, vae_file)))
     except Exception as err:  # noqa: BLE001 - offline, auth, missing package: all end in the same advice
+        repos = var_repo if var_repo == vae_repo else f"{var_repo} and {vae_repo}"
+        commands = " and ".join(f"huggingface-cli download {repo} {' '.join(files)}" for repo, files in
+                                ([(var_repo, [var_file, vae_file])] if var_repo == vae_repo
+                                 else [(var_repo, [var_file]), (vae_repo, [vae_file])]))
         raise CheckpointError(
-            f"cannot get {var_file} and {vae_file} from the hub repo {HUB_REPO} ({type(err).__name__}); "
-            f"download them on a machine with network into the Hugging Face cache (huggingface-cli download "
-            f"{HUB_REPO} {var_file} {vae_file}) or pass their paths as var_ckpt/vae_ckpt") from None
+            f"cannot get {var_file} and {vae_file} from the hub repo {repos} ({type(err).__name__}); "
+            f"download them on a machine with network into the Hugging Face cache ({commands}) or pass their "
+            "paths as var_ckpt/vae_ckpt") from None

@@ -118,18 +118,26 @@ class VAR(nn.Module):
         self.lvl_embed = nn.Embedding(len(cfg.patch_nums), C)
         if cfg.shared_aln:
             self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
-        self.blocks = nn.ModuleList(AdaLNBlock(i, cfg) for i in range(cfg.depth))
+        self.blocks = nn.ModuleList(self.make_block(i, cfg) for i in range(cfg.depth))
         self.head_nm = AdaLNHead(cfg)
         self.head = nn.Linear(C, cfg.vocab_size)
         level_L = torch.cat([torch.full((pn * pn,), i) for i, pn in enumerate(cfg.patch_nums)])
         self.register_buffer("lvl_1L", level_L.view(1, L))
-        bias = torch.where(level_L.view(L, 1) >= level_L.view(1, L), 0.0, -torch.inf)
-        self.register_buffer("attn_bias_for_masking", bias.view(1, 1, L, L))
+        self.register_buffer("attn_bias_for_masking", self.teacher_forcing_mask(level_L).view(1, 1, L, L))
         self.begin_ends = []
         cur = 0
         for pn in cfg.patch_nums:
             self.begin_ends.append((cur, cur + pn * pn))
             cur += pn * pn
+
+    @staticmethod
+    def make_block(block_idx: int, cfg: VARConfig) -> nn.Module:
+        return AdaLNBlock(block_idx, cfg)
+
+    @staticmethod
+    def teacher_forcing_mask(level_L: torch.Tensor) -> torch.Tensor:
+        """The additive attention mask [L, L] of the teacher-forced pass: block-causal over scales."""
+        return torch.where(level_L.view(-1, 1) >= level_L.view(1, -1), 0.0, -torch.inf)
 
     @property
     def dtype(self) -> torch.dtype:
