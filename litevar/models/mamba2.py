@@ -165,8 +165,9 @@ class Mamba2(nn.Module):
         dt_BLH = F.softplus(dt_BLH.to(wide) + self.dt_bias.to(wide))
         A_H = -self.A_log.to(wide).exp()
         x_BLHP = x_BLD.view(Bsz, L, self.nheads, self.headdim)
-        y_BLHP, final_BHPN = ssd_scan(x_BLHP, dt_BLH, A_H, B_BLN, C_BLN, chunks,
-                                      None if state is None else state.ssm_BHPN)
+        with torch.autocast(u_BLC.device.type, enabled=False):  # the scan stays in float32 under mixed precision
+            y_BLHP, final_BHPN = ssd_scan(x_BLHP, dt_BLH, A_H, B_BLN, C_BLN, chunks,
+                                          None if state is None else state.ssm_BHPN)
         y_BLHP = y_BLHP + x_BLHP * self.D.to(wide).view(-1, 1)
         if state is not None:
             state.conv_BKD = padded_BLK[:, padded_BLK.shape[1] - (self.d_conv - 1):].to(state.conv_BKD.dtype)

@@ -15,10 +15,12 @@ def _train_config(args: argparse.Namespace, base) -> "recipes.TrainConfig":
                                lr=args.lr or base.lr, seed=base.seed if args.seed is None else args.seed)
 
 
-def _common(parser: argparse.ArgumentParser, out_default: str) -> None:
+def _common(parser: argparse.ArgumentParser, out_default: str | None) -> None:
     parser.add_argument("--data", default="fashion-mnist",
                         help="'fashion-mnist' or an image folder with one sub-folder per class (or train/<class>/)")
-    parser.add_argument("--out", default=out_default, help="run folder (rerun the same command to resume)")
+    parser.add_argument("--out", default=out_default,
+                        help="run folder (rerun the same command to resume)" + (
+                            "" if out_default else "; default runs/default/var, or runs/default/mvar with --arch mvar"))
     parser.add_argument("--steps", type=int, help="optimizer steps (default: the default model's recipe)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
@@ -52,12 +54,14 @@ def cmd_train_var(args: argparse.Namespace) -> None:
 
     vae_cfg = load_trained_vae(args.vae).cfg
     data = _setup(args, vae_cfg.image_size)
-    cfg = dataclasses.replace(recipes.DEFAULT_VAR, depth=args.depth or recipes.DEFAULT_VAR.depth, width=None, heads=None,
+    base = recipes.DEFAULT_MVAR if args.arch == "mvar" else recipes.DEFAULT_VAR
+    cfg = dataclasses.replace(base, depth=args.depth or base.depth, width=None, heads=None,
                               num_classes=int(data.labels.max()) + 1, vocab_size=vae_cfg.vocab_size,
                               z_channels=vae_cfg.z_channels, patch_nums=vae_cfg.patch_nums)
-    summary = train_var(data, args.vae, cfg, _train_config(args, recipes.DEFAULT_VAR_TRAIN), args.out,
+    out = args.out or f"runs/default/{args.arch}"
+    summary = train_var(data, args.vae, cfg, _train_config(args, recipes.DEFAULT_VAR_TRAIN), out,
                         label_drop=args.label_drop, progress=not args.no_progress)
-    print(f"VAR: {Path(args.out) / VAR_WEIGHTS} ({summary})")
+    print(f"{'M-VAR' if args.arch == 'mvar' else 'VAR'}: {Path(out) / VAR_WEIGHTS} ({summary})")
 
 
 def add_train_commands(sub) -> None:
@@ -68,8 +72,10 @@ def add_train_commands(sub) -> None:
     vae.add_argument("--ch", type=int, help="base channel width (a multiple of 32: GroupNorm has 32 groups)")
     vae.set_defaults(func=cmd_train_vae)
     var = sub.add_parser("train-var", help="train a class-conditional VAR on a trained VQ-VAE (resumable)")
-    _common(var, "runs/default/var")
+    _common(var, None)
     var.add_argument("--vae", default="runs/default/vae/vae.safetensors", help="VQ-VAE from train-vae")
     var.add_argument("--depth", type=int, help="transformer depth (width 64 * depth, heads = depth)")
+    var.add_argument("--arch", choices=("var", "mvar"), default="var",
+                     help="var (the default model's) or mvar (M-VAR: intra-scale attention + Mamba-2), same recipe")
     var.add_argument("--label-drop", type=float, default=0.1, help="share of labels replaced by the null class")
     var.set_defaults(func=cmd_train_var)

@@ -4,7 +4,7 @@
 """
 from __future__ import annotations
 
-from ..models.configs import PYRAMID_256, VARConfig, VQVAEConfig
+from ..models.configs import PYRAMID_256, MVARConfig, VARConfig, VQVAEConfig
 from .loop import TrainConfig
 
 # 32x32 images (28x28 zero-padded): one 2x downsampling gives the 16x16 last scale of the released pyramid
@@ -16,5 +16,8 @@ DEFAULT_VAE_TRAIN = TrainConfig(steps=1200, batch_size=32, lr=1e-3, warmup_steps
 
 DEFAULT_VAR = VARConfig(depth=4, num_classes=10, patch_nums=PYRAMID_256, vocab_size=DEFAULT_VAE.vocab_size,
                         z_channels=DEFAULT_VAE.z_channels)
+# the M-VAR of the same size, trained with the same recipe and budget (DEFAULT_VAR_TRAIN)
+DEFAULT_MVAR = MVARConfig(depth=4, num_classes=10, patch_nums=PYRAMID_256, vocab_size=DEFAULT_VAE.vocab_size,
+                          z_channels=DEFAULT_VAE.z_channels)
 DEFAULT_VAR_TRAIN = TrainConfig(steps=700, batch_size=32, lr=8e-4, warmup_steps=150, weight_decay=0.05,
                                 beta1=0.9, beta2=0.95, seed=0)

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from ..data import ImageSet, to_model_range
 from ..files import reading, write_atomic
-from ..models.configs import VARConfig
+from ..models.configs import MVARConfig, VARConfig
+from ..models.mvar import MVAR, build_transformer
 from ..models.var import VAR
 from ..models.vqvae import VQVAE
 from .export import save_model
@@ -54,13 +55,33 @@ def init_var_weights(var: VAR, init_adaln: float = 0.5, init_gamma: float = 1e-5
         nn.init.trunc_normal_(param, std=std)
     var.head.weight.mul_(init_head)
     var.head_nm.ada_lin[-1].weight.mul_(init_adaln)
+    gammas = 3 if isinstance(var, MVAR) else 2
     for block in var.blocks:
         block.attn.proj.weight.div_(math.sqrt(2 * depth))
         block.ffn.fc2.weight.div_(math.sqrt(2 * depth))
         if not var.cfg.shared_aln:
             ada = block.ada_lin[-1].weight
-            ada[:2 * width].mul_(init_gamma)
-            ada[2 * width:].mul_(init_adaln)
+            ada[:gammas * width].mul_(init_gamma)
+            ada[gammas * width:].mul_(init_adaln)
+        if isinstance(var, MVAR):
+            init_mamba_weights(block.mamba, depth)
+
+
+@torch.no_grad()
+def init_mamba_weights(mamba: nn.Module, depth: int, dt_range: tuple[float, float] = (1e-3, 0.1)) -> None:
+    """Mamba-2's own initialisation for the SSM parameters (step sizes log-uniform in ``dt_range``, decay rates
+    uniform in [1, 16], D = 1, a unit norm), a small conv, and ``out_proj`` scaled by depth like the other residual
+    outputs (upstream M-VAR leaves it unscaled and gives the FFN's gamma a large start: not repeated here)."""
+    heads = mamba.dt_bias.numel()
+    log_dt = torch.rand(heads) * (math.log(dt_range[1]) - math.log(dt_range[0])) + math.log(dt_range[0])
+    dt = log_dt.exp().clamp_min(1e-4)
+    mamba.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # the inverse of softplus
+    mamba.A_log.copy_(torch.empty(heads).uniform_(1, 16).log())
+    mamba.D.fill_(1.0)
+    mamba.norm.weight.fill_(1.0)
+    nn.init.trunc_normal_(mamba.conv1d.weight, std=0.02)
+    mamba.conv1d.bias.zero_()
+    mamba.out_proj.weight.div_(math.sqrt(2 * depth))
 
 
 @torch.no_grad()
@@ -101,7 +122,8 @@ def teacher_forcing_batch(vae: VQVAE, tokens_BL: torch.Tensor) -> tuple[torch.Te
 
 def train_var(data: ImageSet, vae_path: str | Path, cfg: VARConfig, train: TrainConfig, out_dir: str | Path,
               label_drop: float = 0.1, progress: bool = True) -> dict:
-    """Train a class-conditional VAR on ``data`` with the VQ-VAE in ``vae_path``; resumable in ``out_dir``.
+    """Train a class-conditional VAR (or an M-VAR, for an :class:`MVARConfig`) on ``data`` with the VQ-VAE in
+    ``vae_path``; resumable in ``out_dir``.
 
     Label dropout replaces a label by the null class ``cfg.num_classes`` with probability ``label_drop``
     (what classifier-free guidance needs). Writes ``var.safetensors``, ``loss.png``, ``log.jsonl``, ``done.json``.
@@ -120,10 +142,11 @@ def train_var(data: ImageSet, vae_path: str | Path, cfg: VARConfig, train: Train
         raise ValueError("the VAR config must match the VQ-VAE: vocab_size, z_channels and patch_nums "
                          f"({vae.cfg.vocab_size}, {vae.cfg.z_channels}, {vae.cfg.patch_nums})")
     torch.manual_seed(train.seed)
-    var = VAR(cfg)
+    var = build_transformer(cfg)
     init_var_weights(var)
     out_dir = Path(out_dir)
-    trainer = Trainer(out_dir, var, train, run={"kind": "var", "var": asdict(cfg), "vae_sha256": file_sha256(vae_path),
+    arch = "mvar" if isinstance(cfg, MVARConfig) else "var"
+    trainer = Trainer(out_dir, var, train, run={"kind": arch, "var": asdict(cfg), "vae_sha256": file_sha256(vae_path),
                                                 "label_drop": label_drop, "data_items": len(data)}, progress=progress)
     if trainer.done:
         return trainer.finish()
@@ -141,5 +164,5 @@ def train_var(data: ImageSet, vae_path: str | Path, cfg: VARConfig, train: Train
         last = var.begin_ends[-1][0]
         acc = (logits_BLV[:, last:].argmax(-1) == target_BL[:, last:]).float().mean()
         trainer.update(loss, {"loss": loss.item(), "acc_last_scale": acc.item()})
-    save_model(out_dir / VAR_WEIGHTS, var.state_dict(), {"var": asdict(cfg)})
+    save_model(out_dir / VAR_WEIGHTS, var.state_dict(), {arch: asdict(cfg)})
     return trainer.finish()
