@@ -165,6 +165,27 @@ def execution_order(recipe: Recipe) -> list[Any]:
     return sorted(recipe.steps, key=lambda step: PHASES.index(STEPS[_step_type(step)].phase))
 
 
+# Steps that act on attention across scales (the KV cache) or on CFG sharing of KV-cached calls: M-VAR's attention
+# stays within each scale and has no KV cache, so on it they would compute nothing or something else.
+MVAR_REFUSED = {
+    "mdwa": "its windows select keys of earlier scales",
+    "kv-compress": "it evicts keys of earlier scales from the KV cache",
+    "kv-cache": "it changes how the KV cache stores keys and values",
+    "asc": "its CFG sharing runs on the KV-cached attention path",
+}
+
+
+def _check_architecture(pipe: Pipeline, recipe: Recipe) -> None:
+    """Refuse steps that need cross-scale attention on an M-VAR, naming the step and the conflict."""
+    if pipe.config.arch != "mvar":
+        return
+    for step in recipe.steps:
+        kind = _step_type(step)
+        if kind in MVAR_REFUSED:
+            raise RecipeError(f"recipe {recipe.name!r}: step {kind!r} cannot run on an M-VAR ({MVAR_REFUSED[kind]}; "
+                              "M-VAR attends only within each scale, without a KV cache): remove the step")
+
+
 def apply_recipe(pipe: Pipeline, recipe: Recipe) -> Pipeline:
     """Run the recipe's steps on a pipeline already loaded in the recipe's dtype (in place), in
     :func:`execution_order`. Steps that claim the same attention component are refused, naming both."""
@@ -172,6 +193,7 @@ def apply_recipe(pipe: Pipeline, recipe: Recipe) -> Pipeline:
 
     if pipe.dtype != parse_dtype(recipe.dtype):
         raise RecipeError(f"the pipeline is {pipe.dtype} but the recipe asks for {recipe.dtype}; load it in that dtype")
+    _check_architecture(pipe, recipe)
     for step in execution_order(recipe):
         try:
             STEPS[_step_type(step)].handler(pipe, step)

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from ..models.var import FFN, ModulatedNorm
 from .kernels import adaln_quantize
+from .layers import branch_norms
 from .runtime import Int8Linear, onednn_int8_available
 
 
@@ -79,7 +80,8 @@ def install_int8_fusions(var: nn.Module) -> int:
         return 0
     installed = 0
     for block in var.blocks:
-        for name, consumer in (("norm1", block.attn.mat_qkv), ("norm2", block.ffn.fc1)):
+        norms = branch_norms(block)
+        for name, consumer in ((norms["attn"][0], block.attn.mat_qkv), (norms["ffn"][0], block.ffn.fc1)):
             norm = getattr(block, name)
             if _static_int8(consumer) and type(norm) is ModulatedNorm:
                 setattr(block, name, QuantizingNorm(norm, consumer))

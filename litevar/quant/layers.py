@@ -6,18 +6,30 @@ import re
 import torch
 import torch.nn as nn
 
-LAYER_TYPES = ("word_embed", "mat_qkv", "proj", "fc1", "fc2", "ada_lin", "head")
+LAYER_TYPES = ("word_embed", "mat_qkv", "proj", "in_proj", "out_proj", "fc1", "fc2", "ada_lin", "head")
+MAMBA_TYPES = ("in_proj", "out_proj")  # M-VAR's Mamba-2 projections
+VAR_LAYER_TYPES = tuple(t for t in LAYER_TYPES if t not in MAMBA_TYPES)  # the types every VAR-family model has
 _PATTERNS = {
     "word_embed": r"word_embed",
     "mat_qkv": r"blocks\.\d+\.attn\.mat_qkv",
     "proj": r"blocks\.\d+\.attn\.proj",
+    "in_proj": r"blocks\.\d+\.mamba\.in_proj",
+    "out_proj": r"blocks\.\d+\.mamba\.out_proj",
     "fc1": r"blocks\.\d+\.ffn\.fc1",
     "fc2": r"blocks\.\d+\.ffn\.fc2",
     "ada_lin": r"(blocks\.\d+\.|head_nm\.|shared_)ada_lin\.1",
     "head": r"head",
 }
 # Linear -> (the module whose AdaLN produces its input, the branch): transforms of these inputs fold exactly.
-_FOLDABLE = {"mat_qkv": "attn", "fc1": "ffn", "head": None}
+_FOLDABLE = {"mat_qkv": "attn", "in_proj": "mamba", "fc1": "ffn", "head": None}
+
+
+def branch_norms(block: nn.Module) -> dict[str, tuple[str, int]]:
+    """``{branch: (norm attribute, k)}`` of a block's AdaLN-fed sub-blocks: branch k's modulation is scale chunk
+    ``n + k`` and shift chunk ``2n + k`` of the block's ``3n`` chunks (VAR: attn, ffn; M-VAR: attn, mamba, ffn)."""
+    if hasattr(block, "mamba"):
+        return {"attn": ("norm1", 0), "mamba": ("norm2", 1), "ffn": ("norm3", 2)}
+    return {"attn": ("norm1", 0), "ffn": ("norm2", 1)}
 
 
 def layer_type(name: str) -> str | None:
@@ -63,8 +75,10 @@ def _fold_into_adaln(var: nn.Module, name: str, kind: str, shift: torch.Tensor, 
     block = _block(var, name)
     if block.shared_aln:
         raise ValueError("input transforms cannot be folded into a shared AdaLN (d36-style models)")
-    k = {"attn": 0, "ffn": 1}[_FOLDABLE[kind]]
-    fold_adaln_input((block.norm1, block.norm2)[k], block.ada_lin[1], (2 + k, 4 + k), shift, scale)
+    branches = branch_norms(block)
+    norm_name, k = branches[_FOLDABLE[kind]]
+    n = len(branches)
+    fold_adaln_input(getattr(block, norm_name), block.ada_lin[1], (n + k, 2 * n + k), shift, scale)
 
 
 @torch.no_grad()
@@ -82,6 +96,8 @@ def absorb_input_transform(var: nn.Module, name: str, shift: torch.Tensor | None
     C = linear.weight.shape[1]
     shift = torch.zeros(C) if shift is None else shift.float().cpu()
     scale = torch.ones(C) if scale is None else scale.float().cpu()
+    if kind != "mat_qkv" and linear.bias is None and bool(shift.any()):  # M-VAR's in_proj: a scale alone folds
+        raise ValueError(f"{name}: a shift needs a bias to compensate it")
     _fold_into_adaln(var, name, kind, shift, scale)
     weight32 = linear.weight.float()
     added_bias = weight32 @ shift.to(weight32.device)
@@ -92,5 +108,3 @@ def absorb_input_transform(var: nn.Module, name: str, shift: torch.Tensor | None
             param.add_(part.to(param.dtype))
     elif linear.bias is not None:
         linear.bias.add_(added_bias.to(linear.bias.dtype))
-    else:
-        raise ValueError(f"{name}: a shift needs a bias to compensate it")

@@ -38,7 +38,7 @@ from ..jobs import JobList
 from ..files import FileFormatError, json_safe, read_npz, reading, write_atomic
 from ..recipe import Recipe, apply_recipe, build_pipeline, load_recipe
 from ..registry import STEPS
-from .layers import LAYER_TYPES, linear_layers
+from .layers import LAYER_TYPES, VAR_LAYER_TYPES, linear_layers
 from .sensitivity_report import bits_label, plot_sensitivity, sensitivity_markdown
 from .transform import QuantConfig
 
@@ -83,9 +83,10 @@ def check_bits(bits, name: str) -> tuple[int, int | None]:
 
 
 def parse_types(text: str | None) -> tuple[str, ...]:
-    """``"fc2,mat_qkv"`` -> the types in model order; None -> every layer type."""
+    """``"fc2,mat_qkv"`` -> the types in model order; None -> every VAR layer type (M-VAR's ``in_proj`` and
+    ``out_proj`` when named)."""
     if text is None:
-        return LAYER_TYPES
+        return VAR_LAYER_TYPES
     types = [t.strip() for t in text.split(",") if t.strip()]
     return check_types(types)
 
@@ -273,7 +274,7 @@ class SensitivitySettings:
     method: str = "rtn"
     base: Sequence[int | None] = (8, 8)
     low: Sequence[int | None] = (8, 4)
-    types: Sequence[str] = LAYER_TYPES
+    types: Sequence[str] = VAR_LAYER_TYPES
     per_class: int | None = 5
     samples: int | None = None
     seed: int = 0
@@ -460,7 +461,8 @@ def add_sensitivity_command(sub) -> None:
                    help="bits of every quantized layer (default 8 8; A may be none: weight-only)")
     s.add_argument("--low", nargs=2, default=["8", "4"], metavar=("W", "A"),
                    help="bits of the studied type (default 8 4: 4-bit activations, as in LiteVAR)")
-    s.add_argument("--types", help=f"comma-separated layer types to study (default all: {','.join(LAYER_TYPES)})")
+    s.add_argument("--types", help=f"comma-separated layer types to study (default: {','.join(VAR_LAYER_TYPES)}; "
+                                   "M-VAR also has in_proj,out_proj)")
     count = s.add_mutually_exclusive_group()
     count.add_argument("--per-class", type=int, help="images per class (default 5)")
     count.add_argument("--samples", type=int, help="images in all, the classes in turn (for models with many classes)")

@@ -15,7 +15,7 @@ import torch
 
 from .calibrate import InputStats, collect_input_stats
 from .groups import TokenGroups
-from .layers import LAYER_TYPES, check_layer_types, layer_type, linear_layers
+from .layers import LAYER_TYPES, MAMBA_TYPES, check_layer_types, layer_type, linear_layers
 from .modules import ActQuantizer, QuantLinear, hadamard
 from .primitives import QuantSpec, fake_quant
 
@@ -45,7 +45,8 @@ class QuantConfig:
         activations: "dynamic" (per token at run time), "static" (calibrated, per tensor) or "stwq"
             (calibrated per token group: PTQ4ARVG's static token-wise quantization).
         layers: layer types to quantize (see ``litevar.quant.layers.LAYER_TYPES``).
-        keep: layer types kept in 16 bit (mixed precision).
+        keep: layer types kept in 16 bit (mixed precision). On an M-VAR, Mamba-2's ``in_proj`` and ``out_proj`` are
+            quantized with the other layers unless kept here.
         overrides: ``{layer_type: [w_bits, a_bits]}`` for some types (sensitivity studies).
         calib_samples, calib_seed: calibration generations (classes in turn; seeds kept apart from evaluation).
         rows_per_group: input rows sampled per (layer, scale, CFG half) during calibration.
@@ -166,7 +167,12 @@ def _step_name(config: QuantConfig) -> str:
 
 
 def targets(pipe, config: QuantConfig, filter_fn=None) -> dict[str, torch.nn.Module]:
-    layers = linear_layers(pipe.var, config.targets())
+    """The Linears a config quantizes: its target types, and on an M-VAR also Mamba-2's ``in_proj``/``out_proj``
+    unless they are in ``keep`` (they hold about a third of an M-VAR block's weights)."""
+    types = config.targets()
+    if getattr(pipe.config, "arch", "var") == "mvar":
+        types = types + tuple(t for t in MAMBA_TYPES if t not in types and t not in config.keep)
+    layers = linear_layers(pipe.var, types)
     return {n: m for n, m in layers.items() if filter_fn is None or filter_fn(n, m)}
 
 

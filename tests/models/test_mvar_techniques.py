@@ -1,0 +1,57 @@
+"""Compression on M-VAR: quantization reaches Mamba-2's projections and folds into the right AdaLN chunks; steps that
+need attention across scales are refused with the conflict named."""
+import pytest
+import torch
+
+from litevar.quant.layers import absorb_input_transform, linear_layers
+from litevar.quant.methods import RTNConfig
+from litevar.quant.modules import QuantLinear
+from litevar.quant.transform import quantize_
+from litevar.recipe import Recipe, RecipeError, apply_recipe
+
+
+def _logits(pipe, ref):
+    with torch.no_grad():
+        return pipe.var(ref["mvar.teacher_labels"], ref["mvar.teacher_input"])
+
+
+def _sqnr_db(approx, exact):
+    return float(10 * torch.log10(exact.pow(2).mean() / (approx - exact).pow(2).mean()))
+
+
+def test_w8a8_fake_quant_covers_mamba_projections_with_bounded_error(fresh_mvar_pipe, mvar_reference):
+    exact = _logits(fresh_mvar_pipe, mvar_reference)
+    quantize_(fresh_mvar_pipe, RTNConfig(w_bits=8, a_bits=8))
+    quantized = linear_layers(fresh_mvar_pipe.var)
+    for name in ("blocks.0.mamba.in_proj", "blocks.1.mamba.out_proj", "blocks.0.attn.mat_qkv", "blocks.1.ffn.fc2"):
+        assert isinstance(quantized[name], QuantLinear), name
+    approx = _logits(fresh_mvar_pipe, mvar_reference)
+    assert 25 < _sqnr_db(approx, exact) < 80  # 8-bit noise: clearly changed, clearly bounded
+    out = fresh_mvar_pipe.generate([0, 3], seed=0, progress=False)
+    assert torch.isfinite(out.images).all()
+
+
+def test_mamba_projections_can_be_kept(fresh_mvar_pipe):
+    quantize_(fresh_mvar_pipe, RTNConfig(w_bits=8, a_bits=8, keep=("in_proj", "out_proj")))
+    layers = linear_layers(fresh_mvar_pipe.var)
+    assert not isinstance(layers["blocks.0.mamba.in_proj"], QuantLinear)
+    assert isinstance(layers["blocks.0.ffn.fc1"], QuantLinear)
+
+
+@pytest.mark.parametrize("name", ["blocks.0.attn.mat_qkv", "blocks.1.mamba.in_proj", "blocks.0.ffn.fc1"])
+def test_input_scale_folds_into_the_adaln_chunk_of_its_branch(fresh_mvar_pipe, mvar_reference, name):
+    """M-VAR's 9-way AdaLN: a fold into the wrong chunk (VAR's 6-way indices) would change the function."""
+    exact = _logits(fresh_mvar_pipe, mvar_reference)
+    C = fresh_mvar_pipe.config.var.width
+    scale = torch.linspace(0.5, 2.0, C)
+    shift = torch.linspace(-0.1, 0.1, C) if "mamba" not in name else None  # in_proj has no bias to absorb a shift
+    absorb_input_transform(fresh_mvar_pipe.var, name, shift, scale)
+    torch.testing.assert_close(_logits(fresh_mvar_pipe, mvar_reference), exact, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("step", [{"type": "kv-cache", "storage": "int8"}, {"type": "asc"},
+                                  {"type": "mdwa", "plan": "plan.json"}])
+def test_cross_scale_attention_steps_are_refused(fresh_mvar_pipe, step):
+    with pytest.raises(RecipeError, match=f"step '{step['type']}' cannot run on an M-VAR") as err:
+        apply_recipe(fresh_mvar_pipe, Recipe(steps=[step]))
+    assert "\n" not in str(err.value) and "within each scale" in str(err.value)
