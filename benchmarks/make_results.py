@@ -366,9 +366,31 @@ def sampling_section(load: _Reader) -> list[str]:
     return lines[:-1]
 
 
+def mvar_section(load: _Reader) -> list[str]:
+    lines = ["## M-VAR: Mamba-2 per scale, stateful vs upstream's re-scan (`benchmarks/bench_mvar.py`)", ""]
+    for rel in load.glob("mvar/mamba_scales_*.json"):
+        s = load(rel)
+        steps = s["token_steps"]
+        lines += [f"`results/{rel}`: one Mamba-2 layer of the {s['shape']} shape (width {s['width']}, "
+                  f"{s['mamba_heads']} heads, d_state {s['d_state']}), random weights, {s['rows']} rows (batch "
+                  f"{s['batch']} with CFG), {s['dtype']}, {s['threads']} threads, {machine_label(s['machine'])}; medians "
+                  f"of {s['repeats']} alternating runs. Token steps {steps['stateful']} (stateful) vs "
+                  f"{steps['rescan']} (re-scan); per layer {s['total_ms_per_layer']['stateful']:.1f} vs "
+                  f"{s['total_ms_per_layer']['rescan']:.1f} ms ({s['speedup_total']:.2f}x); outputs differ by at most "
+                  f"{s['max_abs_diff_outputs']:.1e}.", "",
+                  "| scale | tokens | prefix | stateful ms | re-scan ms | stateful carries (KiB) | re-scan carries (KiB) |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in s["scales"]:
+            lines.append(f"| {r['scale']} | {r['tokens']} | {r['prefix_tokens']} | {r['stateful_ms']:.2f} | "
+                         f"{r['rescan_ms']:.2f} | {r['stateful_carried_bytes'] / 1024:.0f} | "
+                         f"{r['rescan_carried_bytes'] / 1024:.0f} |")
+        lines.append("")
+    return lines[:-1]
+
+
 SECTIONS = [machines_section, default_model_section, eval_section, bench_section, attention_section,
             calibration_section, kernel_section, quant_section, full_recipe_section, sensitivity_section,
-            weight_memory_section, decoder_section, sampling_section]
+            weight_memory_section, decoder_section, sampling_section, mvar_section]
 
 
 def _log() -> str:
@@ -388,7 +410,7 @@ def render() -> str:
              "summary and docs/ quote these tables. The log of past sessions, hand-written, follows the tables.", "",
              "Contents: " + ", ".join(["machines", "default model", "precision", "bench runs", "LiteVAR attention",
                                         "kernels", "quantization", "full recipe", "sensitivity", "weight memory",
-                                        "int8 decoder", "sampling vs upstream", "log"]) + ".", ""]
+                                        "int8 decoder", "sampling vs upstream", "M-VAR", "log"]) + ".", ""]
     for section in SECTIONS:
         parts += section(load) + [""]
     unread = [r for r in load.glob("**/*.json") if r not in load.read]
