@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..attention.context import AttnContext
 from .attention import SelfAttention
-from .configs import VARConfig
+from .configs import MVARConfig, VARConfig
 
 
 class FFN(nn.Module):
@@ -108,6 +108,9 @@ class VAR(nn.Module):
 
     def __init__(self, cfg: VARConfig) -> None:
         super().__init__()
+        if isinstance(cfg, MVARConfig) and type(self).make_block is VAR.make_block:
+            raise TypeError("an MVARConfig describes an M-VAR: build it with litevar.models.mvar.MVAR "
+                            "(or build_transformer)")
         self.cfg = cfg
         C, L = cfg.width, cfg.seq_len
         first_l = cfg.patch_nums[0] ** 2

@@ -17,7 +17,7 @@ import torch
 from ..files import error_cause, reading, write_atomic
 from ..models.configs import load_config
 from ..models.loading import CheckpointError
-from ..models.var import VAR
+from ..models.mvar import build_transformer
 from ..models.vqvae import VQVAE
 from ..pipeline import Pipeline, parse_dtype
 from ..recipe import Recipe, RecipeError, load_recipe
@@ -69,7 +69,7 @@ def _weights_asked(config_json: str) -> tuple[int, int]:
     """How many weights (VAR, VQ-VAE) a config builds, counted on the meta device (nothing allocated)."""
     config = load_config(json.loads(config_json))
     with torch.device("meta"):
-        return _numel(VAR(config.var)), _numel(VQVAE(config.vae))
+        return _numel(build_transformer(config.var)), _numel(VQVAE(config.vae))
 
 
 def read_quantized(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -124,7 +124,7 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu") -> tu
     folder = Path(folder)
     meta, tensors, vae_state = read_quantized(folder)
     recipe, config = meta["recipe"], meta["config"]
-    var, vae = VAR(config.var), VQVAE(config.vae)
+    var, vae = build_transformer(config.var), VQVAE(config.vae)
     dtype = parse_dtype(recipe.dtype)
     var.to(device=device, dtype=dtype).eval().requires_grad_(False)
     vae.to(device=device).eval().requires_grad_(False)

@@ -55,3 +55,25 @@ def test_cross_scale_attention_steps_are_refused(fresh_mvar_pipe, step):
     with pytest.raises(RecipeError, match=f"step '{step['type']}' cannot run on an M-VAR") as err:
         apply_recipe(fresh_mvar_pipe, Recipe(steps=[step]))
     assert "\n" not in str(err.value) and "within each scale" in str(err.value)
+
+
+def test_quantized_mvar_saves_and_loads_back_as_mvar(tmp_path, fresh_mvar_pipe, mvar_reference):
+    from litevar.models.mvar import MVAR
+    from litevar.quant.io import load_quantized, save_quantized
+
+    recipe = Recipe(steps=[{"type": "rtn", "w_bits": 8, "a_bits": 8}])
+    apply_recipe(fresh_mvar_pipe, recipe)
+    folder = save_quantized(fresh_mvar_pipe, recipe, tmp_path / "q")
+    loaded, loaded_recipe = load_quantized(folder)
+    assert isinstance(loaded.var, MVAR) and loaded_recipe == recipe
+    assert isinstance(linear_layers(loaded.var)["blocks.1.mamba.in_proj"], QuantLinear)
+    torch.testing.assert_close(_logits(loaded, mvar_reference), _logits(fresh_mvar_pipe, mvar_reference),
+                               rtol=0, atol=1e-6)
+
+
+def test_var_refuses_an_mvar_config():
+    from litevar.models.configs import from_name
+    from litevar.models.var import VAR
+
+    with torch.device("meta"), pytest.raises(TypeError, match="describes an M-VAR"):
+        VAR(from_name("mvar-d16").var)
