@@ -262,13 +262,21 @@ class Pipeline:
         f_hat = torch.zeros(B, vcfg.z_channels, side, side, device=self.device)
         codebook = quant.embedding.weight
         tokens = []
+        guidance = self.attention.guidance
+        uncond_until = n_scales if guidance is None else guidance.uncond_until
         for si, pn in enumerate(tqdm(vcfg.patch_nums, desc="scales", disable=not progress, leave=False)):
             ratio = si / max(n_scales - 1, 1)
             ctx.scale_index = si
+            if si == uncond_until:  # from here on the unconditional rows are not computed (guidance schedule)
+                x_BLC, block_mods, head_mod = x_BLC[:B], [m[:B] for m in block_mods], head_mod[:B]
+                ctx.cfg_batch = None
             logits_2BlV = var.forward_scale(x_BLC, block_mods, head_mod, ctx)
             clock.totals["per_scale"].append(clock.lap("transformer"))
-            t = cfg * ratio
-            logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
+            t = cfg * ratio if guidance is None else guidance.weight(cfg, si)
+            if si < uncond_until:
+                logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
+            else:
+                logits_BlV = logits_2BlV
             if on_logits is not None:
                 on_logits(si, logits_BlV)
             if forced is None:
@@ -279,7 +287,8 @@ class Pipeline:
             h_BlC = smooth_BlC if more_smooth else quant.embedding(idx_Bl)
             feats_BlC = quant.add_scale(si, f_hat, h_BlC.transpose(1, 2).reshape(B, vcfg.z_channels, pn, pn))
             if feats_BlC is not None:
-                x_BLC = var.next_tokens(si + 1, feats_BlC, level_pos).repeat(2, 1, 1)
+                x_BLC = var.next_tokens(si + 1, feats_BlC, level_pos)
+                x_BLC = x_BLC.repeat(2, 1, 1) if si + 1 < uncond_until else x_BLC
             clock.lap("sampling")
         if forced is not None:
             return None

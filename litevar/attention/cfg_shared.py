@@ -56,8 +56,9 @@ class SharingSchedule:
     @classmethod
     def from_similarity(cls, mode: str, similarity: torch.Tensor, min_similarity: float) -> "SharingSchedule":
         """Share where the measured cond/uncond output similarity is at least ``min_similarity`` (for "output",
-        from the first scale after which it stays there)."""
-        shared = similarity >= min_similarity
+        from the first scale after which it stays there). NaN (no unconditional rows there: a guidance schedule
+        dropped them) counts as shared: there is nothing to compute for them."""
+        shared = (similarity >= min_similarity) | similarity.isnan()
         if mode == "output":
             shared = shared.flip(1).cummin(dim=1).values.flip(1)
         return cls(mode, shared)
@@ -91,4 +92,4 @@ def measure_cfg_similarity(pipe, samples: int = 32, batch_size: int = 16, seed: 
     cfg = pipe.config.var
     probe = _SimilarityProbe(cfg.depth, len(cfg.patch_nums))
     generate_with_processor(pipe, probe, samples, batch_size, seed, "cfg similarity", progress, **sampling)
-    return probe.sums / probe.counts.clamp_min(1)
+    return torch.where(probe.counts > 0, probe.sums / probe.counts.clamp_min(1), torch.nan)

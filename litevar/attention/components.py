@@ -9,6 +9,7 @@ component      what it decides                             set by
 ``kv``         how the KV cache stores keys and values     ``kv-cache``
 ``kv_policy``  which keys the KV cache keeps (budgets)     ``kv-compress``
 ``kernel``     which kernel computes (default ``auto``)    ``mdwa`` ``backend``
+``guidance``   per-scale CFG weights, uncond rows dropped  ``guidance``
 =============  ==========================================  ===================
 
 Each component is set once, by one step; setting it again (two steps claiming it) is refused with a
@@ -25,7 +26,7 @@ import torch
 from .kv_cache import Int8KVCache, KVCache
 from .windows import WindowPlan
 
-COMPONENTS = ("selection", "sharing", "precision", "kv", "kv_policy", "kernel")
+COMPONENTS = ("selection", "sharing", "precision", "kv", "kv_policy", "kernel", "guidance")
 KV_STORAGES = {"model": KVCache, "int8": Int8KVCache}
 
 
@@ -94,6 +95,8 @@ class AttentionComponents:
             ``observation`` and ``shared_rows`` (see :class:`~litevar.attention.kv_compressed.CompressedKVCache`),
             or None to keep every key.
         kernel: the dispatcher's kernel choice (see :mod:`litevar.attention.dispatch`).
+        guidance: a :class:`~litevar.attention.guidance.GuidanceSchedule`, or None for upstream's linear ramp with
+            both CFG halves at every scale.
 
     Example:
         >>> parts = AttentionComponents()
@@ -108,6 +111,7 @@ class AttentionComponents:
     kv: KVCacheSpec = field(default_factory=KVCacheSpec)
     kv_policy: Any = None
     kernel: str = "auto"
+    guidance: Any = None
     owners: dict[str, str] = field(default_factory=dict)
 
     def set(self, component: str, value: Any, by: str) -> None:
@@ -127,6 +131,10 @@ class AttentionComponents:
             raise ComponentConflict(f"steps {self.owners['sharing']!r} (map sharing) and {self.owners['kv_policy']!r} "
                                     "(per-row KV selection) cannot run together: the conditional probabilities "
                                     "would be applied to other keys; use the KV policy's cfg: shared")
+        if policy is not None and self.guidance is not None and self.guidance.drops_rows:
+            raise ComponentConflict(f"steps {self.owners['guidance']!r} (unconditional rows dropped from scale "
+                                    f"{self.guidance.uncond_until}) and {self.owners['kv_policy']!r} cannot run "
+                                    "together: the compressed KV cache cannot change its batch between scales")
 
     def make_caches(self, rows: int, cfg, dtype: torch.dtype, device) -> list:
         """One KV cache per block for sampling ``rows`` rows of a model of config ``cfg``."""
@@ -144,4 +152,5 @@ class AttentionComponents:
                 "sharing": None if self.sharing is None else self.sharing.mode,
                 "precision": None if self.precision is None else getattr(self.precision, "bits", True),
                 "kv_storage": self.kv.storage, "kernel": self.kernel, "set_by": dict(self.owners),
+                "guidance": None if self.guidance is None else self.guidance.describe(),
                 "kv_policy": None if self.kv_policy is None else self.kv_policy.describe()}

@@ -40,7 +40,11 @@ class KVCache:
         return self.k.shape[2]
 
     def append(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store new keys/values; return all cached keys/values (views)."""
+        """Store new keys/values; return all cached keys/values (views). Fewer rows than the cache holds are its
+        first rows (the conditional half once the unconditional rows are dropped): see :meth:`append_rows`."""
+        rows = k_BHlc.shape[0]
+        if rows < self.k.shape[0]:
+            return self.append_rows(k_BHlc, v_BHlc, rows)
         new_len = self._new_length(k_BHlc.shape[2])
         self._write(slice(None), new_len, k_BHlc, v_BHlc)
         self.length = new_len

@@ -53,13 +53,16 @@ class _Recorder:
         self.hi = torch.full((2, G, K), -torch.inf)
         self.rows = [[torch.empty(0, K) for _ in range(G)] for _ in range(2)]
         self.keys = [[torch.empty(0) for _ in range(G)] for _ in range(2)]
+        self.batch: int | None = None  # images of the generation being recorded
 
     def __call__(self, module, args) -> None:
         x = args[0].detach().float()
         if x.dim() == 2:  # the class conditioning (AdaLN inputs): counted with the first scale
             x = x.unsqueeze(1)
         B2, L, K = x.shape
-        half_rows = B2 // 2  # the sampler always runs [conditional; unconditional] rows
+        # the sampler runs [conditional; unconditional] rows, or only the conditional ones where CFG output sharing
+        # or a guidance schedule leaves the unconditional rows out
+        half_rows = B2 if self.batch is not None and B2 == self.batch else B2 // 2
         ids = self.groups.ids(L)
         present = ids.unique().tolist()
         for half, part in enumerate((x[:half_rows], x[half_rows:])):
@@ -108,6 +111,8 @@ def collect_input_stats(pipe, types, samples: int = 32, seed: int = 100000, batc
         jobs = JobList(range(pipe.num_classes), samples=samples, seed=seed)
         for chunk in tqdm(jobs.chunks(batch_size), desc="calibration", disable=not progress):
             labels, seeds = jobs.batch(chunk)
+            for rec in recorders.values():
+                rec.batch = len(labels)
             pipe.generate(labels, seed=seeds, progress=False, **sampling)
     finally:
         for handle in handles:
