@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import os
+import statistics
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -388,9 +389,23 @@ def mvar_section(load: _Reader) -> list[str]:
     return lines[:-1]
 
 
+def guidance_section(load: _Reader) -> list[str]:
+    lines = ["## Guidance: the unconditional rows dropped (`benchmarks/bench_guidance.py`)", "",
+             "| file | recipe | shape | batch | threads | machine | scale | dense s | candidate s | candidate/dense "
+             "(median, range) | rounds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for rel in load.glob("guidance/last_scale_*.json"):
+        g = load(rel)
+        dense, cand = g["seconds"]["dense"], g["seconds"]["candidate"]
+        lo, hi = g["ratio_range"]
+        lines.append(f"| {rel} | {g['recipe']['name']} | {g['shape']} | {g['batch']} | {g['threads']} | "
+                     f"{machine_label(g['machine'])} | {g['scale']} | {statistics.median(dense):.3g} | "
+                     f"{statistics.median(cand):.3g} | {g['ratio_median']:.3f} ({lo:.3f}-{hi:.3f}) | {g['rounds']} |")
+    return lines
+
+
 SECTIONS = [machines_section, default_model_section, eval_section, bench_section, attention_section,
             calibration_section, kernel_section, quant_section, full_recipe_section, sensitivity_section,
-            weight_memory_section, decoder_section, sampling_section, mvar_section]
+            weight_memory_section, decoder_section, sampling_section, mvar_section, guidance_section]
 
 
 def _log() -> str:
@@ -410,7 +425,7 @@ def render() -> str:
              "summary and docs/ quote these tables. The log of past sessions, hand-written, follows the tables.", "",
              "Contents: " + ", ".join(["machines", "default model", "precision", "bench runs", "LiteVAR attention",
                                         "kernels", "quantization", "full recipe", "sensitivity", "weight memory",
-                                        "int8 decoder", "sampling vs upstream", "M-VAR", "log"]) + ".", ""]
+                                        "int8 decoder", "sampling vs upstream", "M-VAR", "guidance", "log"]) + ".", ""]
     for section in SECTIONS:
         parts += section(load) + [""]
     unread = [r for r in load.glob("**/*.json") if r not in load.read]

@@ -195,7 +195,8 @@ class Pipeline:
             timings: also measure transformer / sampling / decoder seconds (and per-scale transformer time).
             on_logits: called as ``on_logits(scale_index, guided_logits_BlV)`` (float32, before top-k/top-p)
                 at every scale; it must not modify the tensor.
-            **sampling: ``cfg`` (guidance strength; scale k uses ``cfg * k / (K-1)``), ``top_k`` (keep the k
+            **sampling: ``cfg`` (guidance strength; scale k uses ``cfg * k / (K-1)`` unless a ``guidance`` step
+                set another schedule), ``top_k`` (keep the k
                 largest logits, 0: off), ``top_p`` (nucleus mass, 0: off), ``more_smooth`` (upstream's
                 Gumbel-softmax token features, smoother images). Missing or None take ``pipe.sampling`` (the
                 model card's recommendation for the shipped model, upstream's 1.5/900/0.96 otherwise).
