@@ -128,8 +128,13 @@ def test_non_state_dict_and_missing_file(tmp_path, ref_dir):
 
 
 @pytest.mark.slow
-def test_hub_name_offline_says_which_files(tmp_path):
+def offline_load_message(tmp_path, name: str) -> str:
+    """What ``load_pipeline(name)`` says in a fresh process with the hub offline and an empty hub cache."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
-    code = "import litevar\ntry:\n    litevar.load_pipeline('var-d20')\nexcept litevar.CheckpointError as e:\n    print(e)"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert "var_d20.pth" in out.stdout and "vae_ch160v4096z32.pth" in out.stdout and "FoundationVision/var" in out.stdout
+    code = f"import litevar\ntry:\n    litevar.load_pipeline({name!r})\nexcept litevar.CheckpointError as e:\n    print(e)"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+
+
+def test_hub_name_offline_says_which_files(tmp_path):
+    out = offline_load_message(tmp_path, "var-d20")
+    assert "var_d20.pth" in out and "vae_ch160v4096z32.pth" in out and "FoundationVision/var" in out

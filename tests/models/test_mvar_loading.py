@@ -1,8 +1,5 @@
 """M-VAR files: the released layouts load strictly with inferred configurations, architecture mix-ups are named, hub
 names resolve like VAR's, and configurations round-trip."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +10,7 @@ from litevar.models.loading import CheckpointError, infer_var_config, load_stric
 from litevar.models.mvar import MVAR, build_transformer
 from litevar.models.var import VAR
 
-from .test_loading import manifest_state
+from .test_loading import manifest_state, offline_load_message
 
 # upstream's parameter counts (reference README), in millions
 RELEASED_PARAMS_M = {"d16": 464.16, "d20": 900.53, "d24": 1550.07, "d32": 3658.71}
@@ -93,8 +90,6 @@ def test_safetensors_round_trip_loads_as_mvar(tmp_path, ref_dir, mvar_reference)
 
 @pytest.mark.slow
 def test_mvar_hub_name_offline_says_which_files(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
-    code = "import litevar\ntry:\n    litevar.load_pipeline('mvar-d32')\nexcept litevar.CheckpointError as e:\n    print(e)"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert "d32.pth" in out.stdout and "OliverRen/M-VAR" in out.stdout and "vae_ch160v4096z32.pth" in out.stdout
-    assert "FoundationVision/var" in out.stdout and "huggingface-cli download" in out.stdout
+    out = offline_load_message(tmp_path, "mvar-d32")
+    assert "d32.pth" in out and "OliverRen/M-VAR" in out and "vae_ch160v4096z32.pth" in out
+    assert "FoundationVision/var" in out and "huggingface-cli download" in out

@@ -84,22 +84,30 @@ def test_other_settings_in_same_folder_refused(trained_vae):
         train_vae(stripes(), VAE_CFG, fast(13), trained_vae, progress=False)
 
 
-def test_var_trains_and_resumes_identically(tmp_path, monkeypatch, trained_vae):
-    vae_file = trained_vae / VAE_WEIGHTS
+def train_straight_and_resumed(tmp_path, monkeypatch, vae_file, cfg, steps: int, interrupt_at: int):
+    """Train once straight and once interrupted after ``interrupt_at`` then resumed.
+
+    Asserts the loss fell and the two runs give equal weights; returns (straight folder, metadata, weights).
+    """
     straight_dir, resumed_dir = tmp_path / "a", tmp_path / "b"
-    train_var(stripes(), vae_file, VAR_CFG, fast(10), straight_dir, progress=False)
+    train_var(stripes(), vae_file, cfg, fast(steps), straight_dir, progress=False)
     log = read_log(straight_dir / "log.jsonl")
     assert log[-1]["loss"] < log[0]["loss"]
-    interrupted_after(monkeypatch, 4)
+    interrupted_after(monkeypatch, interrupt_at)
     with pytest.raises(KeyboardInterrupt):
-        train_var(stripes(), vae_file, VAR_CFG, fast(10), resumed_dir, progress=False)
+        train_var(stripes(), vae_file, cfg, fast(steps), resumed_dir, progress=False)
     monkeypatch.undo()
-    train_var(stripes(), vae_file, VAR_CFG, fast(10), resumed_dir, progress=False)
+    train_var(stripes(), vae_file, cfg, fast(steps), resumed_dir, progress=False)
     a, meta = read_model(straight_dir / VAR_WEIGHTS)
     b, _ = read_model(resumed_dir / VAR_WEIGHTS)
-    assert meta["var"]["depth"] == 1
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    return straight_dir, meta, a
+
+
+def test_var_trains_and_resumes_identically(tmp_path, monkeypatch, trained_vae):
+    _, meta, _ = train_straight_and_resumed(tmp_path, monkeypatch, trained_vae / VAE_WEIGHTS, VAR_CFG, 10, 4)
+    assert meta["var"]["depth"] == 1
 
 
 def test_var_rejects_labels_beyond_classes(tmp_path, trained_vae):
