@@ -120,18 +120,23 @@ class HACK(Policy):
     """Head-aware budgets: ``contextual`` is bool [depth, heads] from :func:`litevar.kvcompress.heads.classify`.
 
     Args:
-        contextual: which heads are contextual. contextual_share: B_C / B_S. Others as :class:`Policy`.
+        contextual: which heads are contextual. contextual_share: B_C / B_S. max_len: the whole pyramid's tokens
+            (no head's budget exceeds it; None: no cap). Others as :class:`Policy`.
     """
 
     name = "hack"
 
     def __init__(self, budget: int, heads: int, depth: int, contextual: torch.Tensor, contextual_share: float = 0.25,
-                 **kwargs) -> None:
+                 max_len: int | None = None, **kwargs) -> None:
         super().__init__(budget, heads, depth, **kwargs)
+        max_len = max_len or 2 ** 62
         self.contextual = torch.as_tensor(contextual, dtype=torch.bool)
         alpha = float(self.contextual.float().mean())
-        self.budget_s = max(1, round(budget / (alpha * contextual_share + 1 - alpha)))
-        self.budget_c = max(1, round(contextual_share * self.budget_s))
+        # B = alpha B_C + (1 - alpha) B_S with B_C = share * B_S, but no head keeps more than the whole pyramid:
+        # what a capped structural head cannot use goes to the contextual heads (ratio 0 keeps everything)
+        self.budget_s = max(1, min(round(budget / (alpha * contextual_share + 1 - alpha)), max_len))
+        rest = (budget - (1 - alpha) * self.budget_s) / alpha if alpha > 0 else 0
+        self.budget_c = max(1, min(round(max(rest, contextual_share * self.budget_s)), max_len))
 
     def groups(self, layer: int) -> list[tuple[torch.Tensor, int]]:
         mask = self.contextual[layer]

@@ -64,7 +64,7 @@ def build_policy(pipe, config: KVCompressConfig):
         variance, calibrated = load_heads(config.heads, pipe.identity())
         alpha = calibrated if config.alpha is None else config.alpha
         return CLASSES["hack"](budget, cfg.heads, cfg.depth, classify(variance, alpha),
-                               contextual_share=config.contextual_share, **common)
+                               contextual_share=config.contextual_share, max_len=cfg.seq_len, **common)
     return CLASSES[config.policy](budget, cfg.heads, cfg.depth, **common)
 
 

@@ -92,6 +92,9 @@ def test_policies_select_what_they_promise():
     ctx_head = hack.select(SelectionContext(0, 2, 1, scores, positions, _ctx(scores, positions, 1).scale_of, 2,
                                             scores))
     assert ctx_head.tolist() == [[[3, 7]]]  # contextual: the top-scoring keys, whatever their scale
+    # no head keeps more than the pyramid: a capped structural budget goes to the contextual heads
+    assert (HACK(30, 2, 1, contextual, contextual_share=0.5, max_len=30).groups(0)[1][1],
+            HACK(15, 2, 1, contextual, contextual_share=0.5, max_len=30).groups(0)[1][1]) == (30, 10)
 
 
 def test_a_diagonal_head_has_more_column_variance_than_a_vertical_one():
@@ -134,8 +137,6 @@ def test_bad_settings_are_refused(ref_dir, step, message):
         build_pipeline({"steps": [{"type": "kv-compress", **step}]}, **_args(ref_dir))
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: with MDWA or ASC output sharing, kv-compress at ratio 0 does not yet "
-                   "give the same tokens as the same recipe without it (open in the KV-cache issue)")
 def test_composes_with_windows_sharing_and_quantization(ref_dir, heads_file, tmp_path):
     from litevar.attention.calibrate import save_plan
     from litevar.attention.windows import WindowPlan
