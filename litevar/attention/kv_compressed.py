@@ -57,6 +57,32 @@ class SelectionContext:
     history: torch.Tensor
 
 
+def head_index(heads: torch.Tensor) -> slice | torch.Tensor:
+    """A slice when ``heads`` is a contiguous range (indexing then gives views, not copies), else ``heads``."""
+    first = int(heads[0]) if heads.numel() else 0
+    if torch.equal(heads.cpu(), torch.arange(first, first + heads.numel())):
+        return slice(first, first + heads.numel())
+    return heads
+
+
+def merged_values(cand: Candidates, index: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values of the kept candidates ``index`` with every evicted value merged into the kept slot of its most
+    similar key (cosine), averaged with weights ``weight`` [rows, g, n] (cumulative attention); and each slot's
+    summed weight."""
+    rows, g, n, d = cand.v.shape
+    kept = index.shape[2]
+    keys = torch.nn.functional.normalize(cand.k.float(), dim=-1)
+    kept_keys = keys.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1]))
+    target = (keys @ kept_keys.transpose(-1, -2)).argmax(dim=-1)
+    target.scatter_(2, index, torch.arange(kept, device=index.device).expand_as(index))  # kept keys: their own slot
+    w = weight.float().clamp_min(1e-6).unsqueeze(-1)
+    slots = target.unsqueeze(-1)
+    num = torch.zeros(rows, g, kept, d, device=cand.v.device).scatter_add_(2, slots.expand(-1, -1, -1, d),
+                                                                           w * cand.v.float())
+    den = torch.zeros(rows, g, kept, 1, device=cand.v.device).scatter_add_(2, slots, w)
+    return (num / den).to(cand.v.dtype), den.squeeze(-1)
+
+
 class CompressedKVCache:
     """KV cache of one layer with per-head-group budgets.
 
@@ -64,7 +90,8 @@ class CompressedKVCache:
         rows: batch rows (both CFG halves). heads: attention heads. head_dim, dtype, device: as for KVCache.
         groups: ``[(head indices, budget), ...]`` covering every head once.
         policy: object with ``select(ctx: SelectionContext) -> long [rows, g, budget]`` indices into the
-            candidates, ``observation(q, n_queries) -> long index`` of the observation queries, and
+            candidates, ``observation(n_queries, device) -> long index`` of the observation queries,
+            ``merges(ctx) -> bool`` (evicted values merged into the kept ones, see :func:`merged_values`) and
             ``shared_rows`` (True: the conditional rows' selection is used for both CFG halves).
         layer: this cache's layer. patch_nums: the pyramid (positions -> scales; the last scale is not stored).
         storage: "model" or "int8" (int8 keys/values, their per-token scales kept with them).
@@ -84,7 +111,7 @@ class CompressedKVCache:
             if budget < 1:
                 raise ValueError(f"a head group's budget must be >= 1 token, got {budget}")
             cap = min(int(budget), stored)
-            self.groups.append({"heads": heads_g.to(device), "budget": cap,
+            self.groups.append({"heads": heads_g.to(device), "index": head_index(heads_g), "budget": cap,
                                 "store": storage_cls(rows, len(heads_g), cap, head_dim, dtype, device),
                                 "positions": torch.zeros(rows, len(heads_g), cap, dtype=torch.int32, device=device),
                                 "history": torch.zeros(rows, len(heads_g), cap, dtype=torch.float32, device=device)})
@@ -102,7 +129,7 @@ class CompressedKVCache:
         out = []
         for group in self.groups:
             heads, store = group["heads"], group["store"]
-            k_new, v_new = k_BHlc[:, heads], v_BHlc[:, heads]
+            k_new, v_new = k_BHlc[:, group["index"]], v_BHlc[:, group["index"]]
             pos_new = new_pos.view(1, 1, n).expand(rows, len(heads), n)
             if store.length:
                 k_old, v_old = store._read(slice(0, rows), store.length)
@@ -126,10 +153,11 @@ class CompressedKVCache:
             old = store.length
             history = torch.zeros(rows, len(cand.heads), n, device=cand.k.device)
             history[:, :, :old] = group["history"][:rows, :, :old]
+            merge = False
             if n <= group["budget"]:
                 index = torch.arange(n, device=cand.k.device).view(1, 1, n).expand(rows, len(cand.heads), n)
             else:
-                q_obs = q_BHlc[:rows, cand.heads][:, :, obs].float()
+                q_obs = q_BHlc[:rows, group["index"]][:, :, obs].float()
                 probs = (q_obs @ cand.k.float().transpose(-1, -2) * softmax_scale).softmax(dim=-1)
                 scores = probs.sum(dim=2)
                 ctx = SelectionContext(self.layer, scale, g, scores, cand.positions, self.scale_of,
@@ -139,17 +167,22 @@ class CompressedKVCache:
                     half = rows // 2
                     index = torch.cat((index[:half], index[:half]))
                 history = history + scores
-            self._store(group, cand, index, history)
+                merge = self.policy.merges(ctx)
+            self._store(group, cand, index, history, merge)
 
-    def _store(self, group: dict, cand: Candidates, index: torch.Tensor, history: torch.Tensor) -> None:
+    def _store(self, group: dict, cand: Candidates, index: torch.Tensor, history: torch.Tensor, merge: bool) -> None:
         rows, kept = index.shape[0], index.shape[2]
         gather = index.unsqueeze(-1).expand(-1, -1, -1, cand.k.shape[-1])
-        k_kept, v_kept = cand.k.gather(2, gather), cand.v.gather(2, gather)
+        k_kept = cand.k.gather(2, gather)
+        if merge:
+            v_kept, kept_history = merged_values(cand, index, history)
+        else:
+            v_kept, kept_history = cand.v.gather(2, gather), history.gather(2, index)
         store = group["store"]
         store.length = 0
         store.append_rows(k_kept, v_kept, rows) if rows < store.k.shape[0] else store.append(k_kept, v_kept)
         group["positions"][:rows, :, :kept] = cand.positions.gather(2, index).to(torch.int32)
-        group["history"][:rows, :, :kept] = history.gather(2, index)
+        group["history"][:rows, :, :kept] = kept_history
 
     def nbytes(self) -> int:
         """Bytes of the keys/values held now."""

@@ -1,4 +1,5 @@
-"""``litevar calibrate-kv``: HACK's head classification for a model, as a file (and a figure of it)."""
+"""``litevar calibrate-kv``: HACK's head classification and ScaleKV's layer selectivity for a model, as a file
+(and a figure of the heads)."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,7 @@ import torch
 
 from ..cli_args import UsageError, add_model_args, check_writable, positive
 from ..files import write_atomic
-from .heads import classify, measure_head_variance, natural_alpha, save_heads
+from .heads import classify, measure_heads, natural_alpha, save_heads
 
 
 def draw_heads(variance: torch.Tensor, alpha: float, path: Path) -> None:
@@ -46,9 +47,10 @@ def cmd_calibrate_kv(args: argparse.Namespace) -> None:
     if out.exists() and not args.overwrite:
         raise UsageError(f"{out} exists; use another --out or --overwrite to replace it")
     pipe = load_pipeline(args.var_ckpt, args.vae_ckpt, config=args.config, device=args.device, dtype=args.dtype)
-    variance = measure_head_variance(pipe, args.samples, args.batch_size, args.seed, progress=not args.no_progress)
+    variance, scale_selectivity = measure_heads(pipe, args.samples, args.batch_size, args.seed,
+                                                progress=not args.no_progress)
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload: dict[str, Any] = save_heads(out, variance, pipe.identity(), args.samples)
+    payload: dict[str, Any] = save_heads(out, variance, pipe.identity(), args.samples, scale_selectivity)
     draw_heads(variance, payload["alpha"], out.with_suffix(".png"))
     contextual = classify(variance, natural_alpha(variance))
     print(f"wrote {out} ({int(contextual.sum())} of {contextual.numel()} heads contextual at the calibrated alpha "
@@ -57,9 +59,10 @@ def cmd_calibrate_kv(args: argparse.Namespace) -> None:
 
 def add_kv_commands(sub: Any) -> None:
     """Register ``litevar calibrate-kv``."""
-    c = sub.add_parser("calibrate-kv", help="classify attention heads as structural/contextual (HACK) for kv-compress",
+    c = sub.add_parser("calibrate-kv", help="classify attention heads (HACK) and layers (ScaleKV) for kv-compress",
                        description="Generates --samples images, measures each head's column variance of last-scale "
-                       "attention, writes OUT (variances, calibrated alpha, model identity) and OUT with .png.")
+                       "attention and each (layer, scale)'s attention selectivity, writes OUT (variances, calibrated alpha, "
+                       "selectivity, model identity) and OUT with .png.")
     add_model_args(c)
     c.add_argument("--samples", type=int, default=16, help="calibration images (default 16; HACK: stable from 1)")
     c.add_argument("--batch-size", type=int, default=8)

@@ -4,10 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..registry import register_step
-from .heads import classify, load_heads
+from .heads import classify, load_heads, load_selectivity
 from .policies import CLASSES, POLICIES
 
 CFG_MODES = ("per-row", "shared")
+CALIBRATED = ("hack", "scalekv")  # policies that read a `litevar calibrate-kv` file
 
 
 @dataclass
@@ -15,15 +16,18 @@ class KVCompressConfig:
     """Keep at most ``1 - ratio`` of the full pyramid's keys per (row, head) in every layer's KV cache.
 
     Args:
-        policy: one of ``hack``, ``h2o``, ``snapkv``, ``streaming``, ``pyramidkv``, ``ams``
+        policy: one of ``hack``, ``h2o``, ``snapkv``, ``streaming``, ``pyramidkv``, ``ams``, ``scalekv``
             (see :mod:`litevar.kvcompress.policies`).
         ratio: share of the full-length cache removed, in [0, 1) (0 keeps everything: exactly dense).
-        heads: ``hack`` only: a head classification file from ``litevar calibrate-kv`` (refused for another model).
+        heads: ``hack`` and ``scalekv`` only: a file from ``litevar calibrate-kv`` (refused for another model).
         alpha: ``hack`` only: share of contextual heads; None = the file's calibrated default.
         contextual_share: ``hack`` only: a contextual head's budget over a structural head's (B_C / B_S).
         observation: queries of the current scale whose attention scores the keys.
         sink_scales: first scales always kept (hack structural heads, streaming, ams).
         cfg: "per-row" (each CFG row selects its keys) or "shared" (the conditional rows' choice for both).
+        merge: merge evicted keys' values into their most similar kept key (hack: contextual heads only).
+        drafters: ``scalekv`` only: share of drafter layers (at least one).
+        drafter_share: ``scalekv`` only: a drafter layer's budget over a refiner layer's.
     """
 
     policy: str
@@ -34,14 +38,25 @@ class KVCompressConfig:
     observation: int = 32
     sink_scales: int = 2
     cfg: str = "per-row"
+    merge: bool = False
+    drafters: float = 0.1
+    drafter_share: float = 4.0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
             raise ValueError(f"ratio (share of the cache removed) must be in [0, 1), got {self.ratio!r}")
-        if (self.policy == "hack") != (self.heads is not None):
-            raise ValueError("heads (a file from `litevar calibrate-kv`) is required by policy hack and only by it")
+        if (self.policy in CALIBRATED) != (self.heads is not None):
+            raise ValueError("heads (a file from `litevar calibrate-kv`) is required by policies hack and scalekv "
+                             "and only by them")
+        if not isinstance(self.merge, bool):
+            raise ValueError(f"merge must be true or false, got {self.merge!r}")
+        if not 0 < self.drafters <= 1:
+            raise ValueError(f"drafters (share of drafter layers) must be in (0, 1], got {self.drafters}")
+        if not self.drafter_share >= 1:
+            raise ValueError(f"drafter_share (a drafter's budget over a refiner's) must be >= 1, got "
+                             f"{self.drafter_share}")
         if self.alpha is not None and not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if not 0 < self.contextual_share <= 1:
@@ -59,12 +74,17 @@ def build_policy(pipe, config: KVCompressConfig):
     """The policy object of ``config`` for ``pipe``'s model (budgets from the model's pyramid)."""
     cfg = pipe.config.var
     budget = max(1, round((1 - config.ratio) * cfg.seq_len))
-    common = dict(observation=config.observation, sink_scales=config.sink_scales, shared_rows=config.cfg == "shared")
+    common = dict(observation=config.observation, sink_scales=config.sink_scales, shared_rows=config.cfg == "shared",
+                  merge=config.merge)
     if config.policy == "hack":
         variance, calibrated = load_heads(config.heads, pipe.identity())
         alpha = calibrated if config.alpha is None else config.alpha
         return CLASSES["hack"](budget, cfg.heads, cfg.depth, classify(variance, alpha),
                                contextual_share=config.contextual_share, max_len=cfg.seq_len, **common)
+    if config.policy == "scalekv":
+        return CLASSES["scalekv"](budget, cfg.heads, cfg.depth, load_selectivity(config.heads, pipe.identity()),
+                                  drafters=config.drafters, drafter_share=config.drafter_share, max_len=cfg.seq_len,
+                                  **common)
     return CLASSES[config.policy](budget, cfg.heads, cfg.depth, **common)
 
 

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from litevar.attention.calibrate import model_identity
-from litevar.attention.kv_compressed import SelectionContext
-from litevar.kvcompress.heads import (HeadFileError, classify, column_variance, load_heads, measure_head_variance,
-                                      natural_alpha, save_heads)
-from litevar.kvcompress.policies import AMS, CLASSES, HACK, H2O, POLICIES, SnapKV, Streaming
+from litevar.attention.kv_compressed import Candidates, SelectionContext, merged_values
+from litevar.kvcompress.heads import (HeadFileError, classify, column_variance, load_heads, load_selectivity,
+                                      measure_heads, natural_alpha, save_heads)
+from litevar.kvcompress.policies import AMS, CLASSES, HACK, H2O, POLICIES, ScaleKV, SnapKV, Streaming
+from litevar.kvcompress.steps import CALIBRATED
 from litevar.recipe import RecipeError, build_pipeline
 
 LABELS, SEEDS = [1, 4, 7], [3, 4, 5]
@@ -21,15 +22,15 @@ def _args(ref_dir):
 
 @pytest.fixture(scope="module")
 def heads_file(tiny_pipe, tmp_path_factory):
-    variance = measure_head_variance(tiny_pipe, samples=2, batch_size=2, progress=False)
+    variance, selectivity = measure_heads(tiny_pipe, samples=2, batch_size=2, progress=False)
     path = tmp_path_factory.mktemp("kv") / "heads.json"
-    save_heads(path, variance, model_identity(tiny_pipe.var), samples=2)
+    save_heads(path, variance, model_identity(tiny_pipe.var), samples=2, scale_selectivity=selectivity)
     return str(path)
 
 
 def _step(policy, ratio, heads_file, **kw):
     step = {"type": "kv-compress", "policy": policy, "ratio": ratio, **kw}
-    if policy == "hack":
+    if policy in CALIBRATED:
         step["heads"] = heads_file
     return step
 
@@ -58,7 +59,7 @@ def test_reserved_bytes_follow_the_budget(ref_dir, heads_file, policy):
     cut = _run(ref_dir, [_step(policy, 0.8, heads_file)]).timings
     budget, stored = round(0.2 * 66), 30  # tokens per (row, head) of 66; 30 stored without eviction
     ratio = cut["kv_reserved_bytes"] / full["kv_reserved_bytes"]
-    if policy in ("hack", "pyramidkv"):  # per-group / per-layer budgets average to the budget
+    if policy in ("hack", "pyramidkv", "scalekv"):  # per-group / per-layer budgets average to the budget
         assert 0.2 < ratio < 0.75
     else:
         assert ratio == pytest.approx(budget / stored, rel=1e-6)
@@ -97,6 +98,35 @@ def test_policies_select_what_they_promise():
             HACK(15, 2, 1, contextual, contextual_share=0.5, max_len=30).groups(0)[1][1]) == (30, 10)
 
 
+def test_scalekv_drafters_budgets_and_observation():
+    selectivity = torch.tensor([[float("nan"), 0.3, 0.4], [float("nan"), 0.1, 0.2], [float("nan"), 0.5, 0.5],
+                                [float("nan"), 0.4, 0.3]])
+    policy = ScaleKV(100, 2, 4, selectivity, drafters=0.25, drafter_share=4.0, max_len=1000)
+    assert policy.drafter.tolist() == [False, True, False, False]  # the least selective layer drafts
+    budgets = [policy.groups(layer)[0][1] for layer in range(4)]
+    assert budgets[1] == pytest.approx(4 * budgets[0], abs=4) and sum(budgets) == pytest.approx(400, abs=2)
+    capped = ScaleKV(100, 2, 4, selectivity, drafters=0.25, drafter_share=4.0, max_len=150)
+    assert capped.budget_d == 150 and capped.budget_r == round(250 / 3)  # what the cap takes goes to refiners
+    # observers: the centres of a 4 x 4 grid of a 16 x 16 scale; a scale smaller than the grid is observed whole
+    centres = [2, 6, 10, 14]
+    assert policy.observation(256, "cpu").tolist() == [r * 16 + c for r in centres for c in centres]
+    assert policy.observation(9, "cpu").tolist() == list(range(9))
+    positions = torch.arange(30).view(1, 1, 30)  # scales 0-3 of the 1, 2, 3, 4 pyramid; scale 3 is 14..29
+    scores = torch.zeros(1, 1, 30)
+    scores[0, 0, 5] = 1.0
+    kept = ScaleKV(17, 1, 1, selectivity[:1], max_len=30).select(_ctx(scores, positions, 17, scale=3)).flatten()
+    assert 2 <= int(kept[0]) <= 8 and kept[1:].tolist() == list(range(14, 30))  # the observers' keys, then pooled
+
+
+def test_merge_averages_evicted_values_into_the_most_similar_kept_key():
+    k = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]]).view(1, 1, 4, 2)
+    v = torch.tensor([[1.0], [10.0], [3.0], [20.0]]).view(1, 1, 4, 1)
+    cand = Candidates(torch.tensor([0]), k, v, torch.arange(4).view(1, 1, 4))
+    values, weight = merged_values(cand, torch.tensor([[[0, 1]]]), torch.tensor([[[1.0, 1.0, 3.0, 1.0]]]))
+    assert values.flatten().tolist() == pytest.approx([(1 + 9) / 4, (10 + 20) / 2])  # key 2 joins 0, key 3 joins 1
+    assert weight.flatten().tolist() == pytest.approx([4.0, 2.0])
+
+
 def test_a_diagonal_head_has_more_column_variance_than_a_vertical_one():
     n = 16
     diagonal = torch.eye(n)
@@ -113,6 +143,10 @@ def test_head_file_round_trip_and_wrong_model(tiny_pipe, heads_file, tmp_path):
     identity = model_identity(tiny_pipe.var)
     variance, alpha = load_heads(heads_file, identity)
     assert variance.shape == (2, 2) and 0 <= alpha <= 1
+    selectivity = load_selectivity(heads_file, identity)
+    assert selectivity.shape == (2, 5) and selectivity[:, 0].isnan().all() and (selectivity[:, 1:] > 0).all()
+    with pytest.raises(HeadFileError, match="another model"):
+        load_selectivity(heads_file, {**identity, "weights_bf16_sha256": "0" * 16})
     with pytest.raises(HeadFileError, match="another model"):
         load_heads(heads_file, {**identity, "weights_bf16_sha256": "0" * 16})
     with pytest.raises(HeadFileError, match="not found"):
@@ -131,6 +165,10 @@ def test_head_file_round_trip_and_wrong_model(tiny_pipe, heads_file, tmp_path):
     ({"policy": "h2o", "ratio": 0.5, "heads": "x.json"}, "heads"),
     ({"policy": "h2o", "ratio": 0.5, "cfg": "both"}, "cfg"),
     ({"policy": "h2o", "ratio": 0.5, "observation": 0}, "observation"),
+    ({"policy": "scalekv", "ratio": 0.5}, "heads"),
+    ({"policy": "h2o", "ratio": 0.5, "merge": "yes"}, "merge"),
+    ({"policy": "h2o", "ratio": 0.5, "drafters": 0}, "drafters"),
+    ({"policy": "h2o", "ratio": 0.5, "drafter_share": 0.5}, "drafter_share"),
 ])
 def test_bad_settings_are_refused(ref_dir, step, message):
     with pytest.raises(RecipeError, match=message):
