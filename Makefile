@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install test test-fast bench bench-default eval-default attention-default quant-default clean data default-model demo quality
+.PHONY: install test test-fast bench bench-default eval-default attention-default quant-default kv-default kv-shapes clean data default-model demo quality
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,30 @@ quant-default: $(BIN)/.installed data
 		[ -f benchmarks/results/quant/eval_$$n.json ] && continue; \
 		$(BIN)/litevar eval --recipe $$r --per-class 50 --threads 1 --out runs/eval50 --name $$n --overwrite || exit 1; \
 		cp runs/eval50/eval_$$n.json runs/eval50/eval_$$n.md benchmarks/results/quant/; done
+
+# KV-cache compression on the default model: every recipe of benchmarks/recipes/kv/default (eval: 500 images, fp32,
+# against the dense fp32 reference; bench: batch 8). Finished reports are kept: rerun to resume.
+KV := benchmarks/results/kv
+kv-default: $(BIN)/.installed data
+	[ -f $(KV)/heads_default.json ] || $(BIN)/litevar calibrate-kv --samples 16 --out $(KV)/heads_default.json
+	for r in benchmarks/recipes/kv/default/*.json; do n=$$(basename $$r .json); \
+		[ -f $(KV)/bench_$$n.json ] || $(BIN)/litevar bench --recipe $$r --threads 2 --out $(KV)/bench_$$n.json || exit 1; \
+		[ -f $(KV)/eval_$$n.json ] && continue; \
+		$(BIN)/litevar eval --recipe $$r --per-class 50 --threads 1 --out runs/eval50 --name $$n --overwrite || exit 1; \
+		cp runs/eval50/eval_$$n.json runs/eval50/eval_$$n.md $(KV)/; done
+	$(BIN)/python benchmarks/kv_table.py
+
+# HACK 70% vs dense on released shapes with random weights (memory and time; fp32: see RESULTS.md for why).
+kv-shapes: $(BIN)/.installed
+	mkdir -p $(KV)/shapes
+	for s in var-d30 var-d36; do [ -f benchmarks/recipes/kv/shapes/heads_$$s.json ] || $(BIN)/litevar calibrate-kv \
+		--shape $$s --samples 1 --batch-size 1 --out benchmarks/recipes/kv/shapes/heads_$$s.json || exit 1; done
+	[ -f $(KV)/shapes/bench_d30_hack_r70_b8.json ] || $(BIN)/litevar bench --shape var-d30 --recipe \
+		benchmarks/recipes/kv/shapes/hack_r70_var-d30.json --baseline fp32 --batch 8 --repeats 1 --warmup 0 \
+		--threads 2 --out $(KV)/shapes/bench_d30_hack_r70_b8.json
+	[ -f $(KV)/shapes/bench_d36_hack_r70_b1.json ] || $(BIN)/litevar bench --shape var-d36 --recipe \
+		benchmarks/recipes/kv/shapes/hack_r70_var-d36.json --baseline fp32 --batch 1 --repeats 1 --warmup 0 \
+		--threads 2 --out $(KV)/shapes/bench_d36_hack_r70_b1.json
 
 # Fashion-MNIST from the Debian package, unpacked under .data/ without root when it is not installed.
 FMNIST := .data/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz

@@ -157,7 +157,7 @@ def eval_section(load: _Reader) -> list[str]:
 
 
 def _bench_files(load: _Reader) -> list[str]:
-    return [r for r in load.glob("**/bench_*.json") if not r.startswith("attention/")]
+    return [r for r in load.glob("**/bench_*.json") if not r.startswith(("attention/", "kv/"))]
 
 
 def bench_section(load: _Reader) -> list[str]:
@@ -403,9 +403,26 @@ def guidance_section(load: _Reader) -> list[str]:
     return lines
 
 
+def kv_section(load: _Reader) -> list[str]:
+    files = load.glob("kv/eval_*.json") + load.glob("kv/bench_*.json") + load.glob("kv/shapes/bench_*.json")
+    for rel in files + load.glob("kv/heads_default.json"):
+        load(rel)
+    machines = sorted({machine_label(load(r)["machine"]) for r in files})
+    with _at_root():
+        table = _table_script("kv_table", ["--results", str(RESULTS / "kv")])
+    evals = load.glob("kv/eval_*.json")
+    first = load(evals[0]) if evals else None
+    setting = (f"Evals: {first['images']} images ({first['per_class']} per class, seeds {first['seed']}+i), fp32, "
+               "against the dense fp32 reference. " if first else "")
+    return ["## KV-cache compression (`make kv-default`, `make kv-shapes`)", "",
+            "`python benchmarks/kv_table.py` on `results/kv/`: the default model (ratio = share of the pyramid "
+            "removed; HACK's heads from `results/kv/heads_default.json`), then the released shapes with random "
+            f"weights (`results/kv/shapes/`). {setting}Machines: {', '.join(machines) or '-'}.", "", table]
+
+
 SECTIONS = [machines_section, default_model_section, eval_section, bench_section, attention_section,
             calibration_section, kernel_section, quant_section, full_recipe_section, sensitivity_section,
-            weight_memory_section, decoder_section, sampling_section, mvar_section, guidance_section]
+            weight_memory_section, decoder_section, sampling_section, mvar_section, guidance_section, kv_section]
 
 
 def _log() -> str:
@@ -425,7 +442,8 @@ def render() -> str:
              "summary and docs/ quote these tables. The log of past sessions, hand-written, follows the tables.", "",
              "Contents: " + ", ".join(["machines", "default model", "precision", "bench runs", "LiteVAR attention",
                                         "kernels", "quantization", "full recipe", "sensitivity", "weight memory",
-                                        "int8 decoder", "sampling vs upstream", "M-VAR", "guidance", "log"]) + ".", ""]
+                                        "int8 decoder", "sampling vs upstream", "M-VAR", "guidance", "KV-cache compression",
+                                        "log"]) + ".", ""]
     for section in SECTIONS:
         parts += section(load) + [""]
     unread = [r for r in load.glob("**/*.json") if r not in load.read]

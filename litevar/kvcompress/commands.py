@@ -36,7 +36,7 @@ def draw_heads(variance: torch.Tensor, alpha: float, path: Path) -> None:
 
 
 def cmd_calibrate_kv(args: argparse.Namespace) -> None:
-    from ..pipeline import load_pipeline
+    from ..recipe import build_pipeline
 
     positive("--samples", args.samples)
     positive("--batch-size", args.batch_size)
@@ -46,7 +46,7 @@ def cmd_calibrate_kv(args: argparse.Namespace) -> None:
     check_writable(out.parent)
     if out.exists() and not args.overwrite:
         raise UsageError(f"{out} exists; use another --out or --overwrite to replace it")
-    pipe = load_pipeline(args.var_ckpt, args.vae_ckpt, config=args.config, device=args.device, dtype=args.dtype)
+    pipe = build_pipeline(args.dtype, args.var_ckpt, args.vae_ckpt, args.config, args.shape, args.device)
     variance, scale_selectivity = measure_heads(pipe, args.samples, args.batch_size, args.seed,
                                                 progress=not args.no_progress)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -63,7 +63,7 @@ def add_kv_commands(sub: Any) -> None:
                        description="Generates --samples images, measures each head's column variance of last-scale "
                        "attention and each (layer, scale)'s attention selectivity, writes OUT (variances, calibrated alpha, "
                        "selectivity, model identity) and OUT with .png.")
-    add_model_args(c)
+    add_model_args(c, random_shapes=True)
     c.add_argument("--samples", type=int, default=16, help="calibration images (default 16; HACK: stable from 1)")
     c.add_argument("--batch-size", type=int, default=8)
     c.add_argument("--seed", type=int, default=100000, help="image i uses seed + i (kept apart from eval seeds)")

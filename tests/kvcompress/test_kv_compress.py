@@ -201,3 +201,14 @@ def test_composes_with_windows_sharing_and_quantization(ref_dir, heads_file, tmp
         build_pipeline({"steps": [{"type": "asc", "mode": "map"}, _step("h2o", 0.5, heads_file)]}, **_args(ref_dir))
     shared = _run(ref_dir, [{"type": "asc", "mode": "map"}, _step("h2o", 0.0, heads_file, cfg="shared")])
     assert all(torch.equal(a, b) for a, b in zip(shared.tokens, _run(ref_dir, [{"type": "asc", "mode": "map"}]).tokens))
+
+
+def test_no_eviction_is_exact_in_bf16_and_with_int8_storage(ref_dir, heads_file):
+    def run(steps, dtype="fp32"):
+        pipe = build_pipeline({"dtype": dtype, "steps": steps}, **_args(ref_dir))
+        return pipe.generate(LABELS, seed=SEEDS, progress=False).tokens
+
+    int8 = {"type": "kv-cache", "storage": "int8"}  # kept keys are re-stored each scale: must not drift
+    assert all(torch.equal(a, b) for a, b in zip(run([int8]), run([int8, _step("hack", 0.0, heads_file)])))
+    bf16 = run([], "bf16")
+    assert all(torch.equal(a, b) for a, b in zip(bf16, run([_step("scalekv", 0.0, heads_file, merge=True)], "bf16")))
