@@ -77,12 +77,10 @@ kv-shapes: $(BIN)/.installed
 	mkdir -p $(KV)/shapes
 	for s in var-d30 var-d36; do [ -f benchmarks/recipes/kv/shapes/heads_$$s.json ] || $(BIN)/litevar calibrate-kv \
 		--shape $$s --samples 1 --batch-size 1 --out benchmarks/recipes/kv/shapes/heads_$$s.json || exit 1; done
-	[ -f $(KV)/shapes/bench_d30_hack_r70_b8.json ] || $(BIN)/litevar bench --shape var-d30 --recipe \
-		benchmarks/recipes/kv/shapes/hack_r70_var-d30.json --baseline fp32 --batch 8 --repeats 1 --warmup 0 \
-		--threads 2 --out $(KV)/shapes/bench_d30_hack_r70_b8.json
-	[ -f $(KV)/shapes/bench_d36_hack_r70_b1.json ] || $(BIN)/litevar bench --shape var-d36 --recipe \
-		benchmarks/recipes/kv/shapes/hack_r70_var-d36.json --baseline fp32 --batch 1 --repeats 1 --warmup 0 \
-		--threads 2 --out $(KV)/shapes/bench_d36_hack_r70_b1.json
+	[ -f $(KV)/shapes/memory_var-d30_hack_r70.json ] || $(BIN)/python benchmarks/bench_kv_memory.py --shape var-d30 \
+		--recipe benchmarks/recipes/kv/shapes/hack_r70_var-d30.json --batch 8 1 --out $(KV)/shapes/memory_var-d30_hack_r70.json
+	[ -f $(KV)/shapes/memory_var-d36_hack_r70.json ] || $(BIN)/python benchmarks/bench_kv_memory.py --shape var-d36 \
+		--recipe benchmarks/recipes/kv/shapes/hack_r70_var-d36.json --batch 1 --out $(KV)/shapes/memory_var-d36_hack_r70.json
 
 # Fashion-MNIST from the Debian package, unpacked under .data/ without root when it is not installed.
 FMNIST := .data/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz

@@ -2,7 +2,7 @@
 
     python benchmarks/kv_table.py --results benchmarks/results/kv
 prints two Markdown tables: the default model (eval_<name>.json and bench_<name>.json per recipe, names
-<policy>_r<percent removed>[_variant]) and the released shapes with random weights (shapes/bench_*.json).
+<policy>_r<percent removed>[_variant]) and the released shapes with random weights (shapes/memory_*.json from benchmarks/bench_kv_memory.py).
 """
 from __future__ import annotations
 
@@ -44,21 +44,23 @@ def default_table(folder: Path) -> list[str]:
 
 
 def shapes_table(folder: Path) -> list[str]:
-    lines = ["| file | shape | dtype | batch | reserved KV MiB, dense -> candidate (share) | peak MB, dense -> "
-             "candidate | peak saving / KV saving | s per image at the batch, dense -> candidate (speed-up) | latency "
-             "speed-up (batch 1) |", "|" + "---|" * 9]
-    for path in sorted(folder.glob("bench_*.json")):
-        be = json.loads(path.read_text())
-        d, c, s = be["dense"], be["candidate"], be["settings"]
-        kv_saved = (d["kv_reserved_bytes"] - c["kv_reserved_bytes"]) / 1e6
-        peak_saved = d["peak_memory_mb"] * MIB / 1e6 - c["peak_memory_mb"] * MIB / 1e6
-        per_image = [1 / r["images_per_s"] for r in (d, c)]
-        lines.append(f"| {path.name} | {be['model']} | {d['dtype']} | {s['batch']} | "
-                     f"{d['kv_reserved_bytes'] / MIB:.1f} -> {c['kv_reserved_bytes'] / MIB:.1f} "
-                     f"({100 * c['kv_reserved_bytes'] / d['kv_reserved_bytes']:.1f}%) | "
-                     f"{d['peak_memory_mb']:.0f} -> {c['peak_memory_mb']:.0f} | {100 * peak_saved / kv_saved:.0f}% | "
-                     f"{per_image[0]:.1f} -> {per_image[1]:.1f} ({per_image[0] / per_image[1]:.2f}x) | "
-                     f"{be['ratios']['latency']:.2f}x |")
+    """One row per (file, batch) of ``benchmarks/bench_kv_memory.py`` reports."""
+    lines = ["| file | shape | dtype | batch | reserved KV MiB, dense -> candidate (share) | generation peak RSS MiB, "
+             "dense -> candidate | peak saving / KV saving | s per image, dense -> candidate | speed-up (median, "
+             "range; rounds) |", "|" + "---|" * 9]
+    for path in sorted(folder.glob("memory_*.json")):
+        report = json.loads(path.read_text())
+        for row in report["summary"]:
+            d, c, batch = row["dense"], row["candidate"], row["batch"]
+            kv_saved = (d["kv_reserved_bytes"] - c["kv_reserved_bytes"]) / MIB
+            lo, hi = row["speedup_range"]
+            lines.append(f"| {path.name} | {report['shape']} | {report['dtype']} | {batch} | "
+                         f"{d['kv_reserved_bytes'] / MIB:.1f} -> {c['kv_reserved_bytes'] / MIB:.1f} "
+                         f"({100 * c['kv_reserved_bytes'] / d['kv_reserved_bytes']:.1f}%) | "
+                         f"{d['peak_rss_mb']:.0f} -> {c['peak_rss_mb']:.0f} | "
+                         f"{100 * (d['peak_rss_mb'] - c['peak_rss_mb']) / kv_saved:.0f}% | "
+                         f"{d['seconds'] / batch:.1f} -> {c['seconds'] / batch:.1f} | "
+                         f"{row['speedup_median']:.2f}x ({lo:.2f}-{hi:.2f}; {report['rounds']}) |")
     return lines
 
 

@@ -404,7 +404,7 @@ def guidance_section(load: _Reader) -> list[str]:
 
 
 def kv_section(load: _Reader) -> list[str]:
-    files = load.glob("kv/eval_*.json") + load.glob("kv/bench_*.json") + load.glob("kv/shapes/bench_*.json")
+    files = load.glob("kv/eval_*.json") + load.glob("kv/bench_*.json") + load.glob("kv/shapes/memory_*.json")
     for rel in files + load.glob("kv/heads_default.json"):
         load(rel)
     machines = sorted({machine_label(load(r)["machine"]) for r in files})
