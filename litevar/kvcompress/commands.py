@@ -61,8 +61,8 @@ def add_kv_commands(sub: Any) -> None:
     """Register ``litevar calibrate-kv``."""
     c = sub.add_parser("calibrate-kv", help="classify attention heads (HACK) and layers (ScaleKV) for kv-compress",
                        description="Generates --samples images, measures each head's column variance of last-scale "
-                       "attention and each (layer, scale)'s attention selectivity, writes OUT (variances, calibrated alpha, "
-                       "selectivity, model identity) and OUT with .png.")
+                       "attention and each (layer, scale)'s attention selectivity, writes OUT (variances, calibrated "
+                       "alpha, selectivity, model identity) and OUT with .png.")
     add_model_args(c, random_shapes=True)
     c.add_argument("--samples", type=int, default=16, help="calibration images (default 16; HACK: stable from 1)")
     c.add_argument("--batch-size", type=int, default=8)
