@@ -92,7 +92,9 @@ class Pipeline:
     ``pipe.vae.img_to_idx`` / ``pipe.vae.idx_to_img`` tokenize and decode (images in [-1, 1] there).
     ``pipe.attention`` holds the attention components that compression steps set (window plan, CFG sharing,
     attention precision, KV storage; see :mod:`litevar.attention.components`): set them with
-    :meth:`set_attention`, which installs the processor that runs them in every block.
+    :meth:`set_attention`, which installs the processor that runs them in every block. ``pipe.head_order`` is
+    None, or long [depth, heads] once the heads were reordered (:func:`litevar.kvcompress.reorder.reorder_heads_`):
+    the original head at each position of each layer.
     """
 
     def __init__(self, var: VAR, vae: VQVAE, config: PipelineConfig, sampling: dict | None = None,
@@ -104,6 +106,7 @@ class Pipeline:
         self.sampling = {**SAMPLING_DEFAULTS, **(sampling or {})}
         self.class_names = list(class_names) if class_names else [str(c) for c in range(config.var.num_classes)]
         self.attention = AttentionComponents()
+        self.head_order: torch.Tensor | None = None
         self._identity: dict | None = None
 
     def set_attention(self, component: str, value: Any, by: str) -> None:

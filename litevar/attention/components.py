@@ -125,6 +125,16 @@ class AttentionComponents:
         self.owners[component] = by
         self._check()
 
+    def permute_heads(self, order: torch.Tensor) -> None:
+        """Follow a permutation of every layer's heads (head ``p`` of layer ``l`` is now the previous head
+        ``order[l, p]``): the window plan's head axis is permuted; the other components are per (layer, scale) or
+        act on each head alike. Refused once a KV policy is set (its head groups name the previous heads)."""
+        if self.kv_policy is not None:
+            raise ComponentConflict(f"the KV policy set by {self.owners['kv_policy']!r} names heads by their current "
+                                    "positions: reorder the heads before it is built")
+        if self.selection is not None:
+            self.selection = WindowSelection(self.selection.plan.permute_heads(order))
+
     def _check(self) -> None:
         policy, sharing = self.kv_policy, self.sharing
         if policy is not None and sharing is not None and sharing.mode == "map" and not policy.shared_rows:

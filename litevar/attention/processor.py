@@ -36,6 +36,7 @@ class ComposedAttnProcessor:
     def __init__(self, components: AttentionComponents) -> None:
         self.components = components
         self.dispatcher = KernelDispatcher(components.kernel)
+        self._selection = components.selection  # the dispatcher's cached layouts are built from it
         self.trace: dict[tuple[int, int | None], dict] = {}
 
     def _sharing(self, layer: int, ctx: AttnContext) -> str | None:
@@ -46,8 +47,9 @@ class ComposedAttnProcessor:
 
     def __call__(self, attn, x_BLC: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         parts = self.components
-        if self.dispatcher.kernel != parts.kernel:
+        if self.dispatcher.kernel != parts.kernel or self._selection is not parts.selection:
             self.dispatcher = KernelDispatcher(parts.kernel)
+            self._selection = parts.selection
         layer, si, B = attn.block_idx, ctx.scale_index, ctx.cfg_batch
         share = self._sharing(layer, ctx)
         rows = x_BLC[:B] if share == "output" else x_BLC
@@ -77,20 +79,24 @@ class ComposedAttnProcessor:
 
     def _attend_compressed(self, attn, cache: CompressedKVCache, q, k, v, si: int, share, B) -> torch.Tensor:
         """Attention over a compressed cache: per head group, over its kept history and the new scale (window
-        masks re-indexed through the kept positions); then the cache keeps its budget for the next scale."""
+        masks re-indexed through the kept positions); then the cache keeps its budget for the next scale. A group
+        of contiguous heads (all groups once heads are reordered, :mod:`litevar.kvcompress.reorder`) reads q and
+        writes the output through slices (views), others through the index."""
         parts, layer = self.components, attn.block_idx
         rows, l = q.shape[0], q.shape[2]
         cands = cache.candidates(k, v, si, rows)
         out = q.new_empty(rows, q.shape[1], l, v.shape[-1])
-        for cand in cands:
-            q_g, k_g, v_g = q[:, cand.heads], cand.k, cand.v
+        for group, cand in zip(cache.groups, cands):
+            by_cache = group["index"]  # computed once by the cache: a slice for a contiguous range (no device sync)
+            heads = by_cache if isinstance(by_cache, slice) else cand.heads  # else the index on the model's device
+            q_g, k_g, v_g = q[:, heads], cand.k, cand.v
             probs_fn = None
             if parts.precision is not None:
                 q_g, k_g, v_g = parts.precision.quantize_qkv(q_g, k_g, v_g)
                 probs_fn = parts.precision.quantize_probs
             bias = None
             if parts.selection is not None:
-                keep = parts.selection.keep_mask(layer, si).to(q.device)[cand.heads]  # [g, l, keys so far]
+                keep = parts.selection.keep_mask(layer, si).to(q.device)[heads]  # [g, l, keys so far]
                 index = cand.positions.unsqueeze(2).expand(-1, -1, l, -1)
                 kept = keep.unsqueeze(0).expand(rows, -1, -1, -1).gather(3, index)
                 kept |= ~kept.any(dim=-1, keepdim=True)  # a query whose window was evicted sees what is kept
@@ -98,8 +104,8 @@ class ComposedAttnProcessor:
             if share == "map":
                 q_g, k_g = q_g[:B], k_g[:B]
                 bias = None if bias is None else bias[:B]
-            out[:, cand.heads] = self.dispatcher.attend(layer, si, q_g, k_g, v_g, attn.softmax_scale, None, bias,
-                                                        probs_fn).to(out.dtype)
+            out[:, heads] = self.dispatcher.attend(layer, si, q_g, k_g, v_g, attn.softmax_scale, None, bias,
+                                                   probs_fn).to(out.dtype)
         cache.commit(si, q, attn.softmax_scale, cands)
         return out
 

@@ -85,6 +85,8 @@ def _apply_mdwa(pipe, config: MDWAConfig) -> None:
     if tuple(plan.patch_nums) != tuple(cfg.patch_nums) or plan.depth != cfg.depth or plan.heads != cfg.heads:
         raise PlanError(f"window plan is for depth {plan.depth}, {plan.heads} heads, pyramid {plan.patch_nums}; "
                         f"the model has depth {cfg.depth}, {cfg.heads} heads, pyramid {tuple(cfg.patch_nums)}")
+    if pipe.head_order is not None:  # the plan names the heads as loaded; the model's heads were reordered
+        plan = plan.permute_heads(pipe.head_order)
     pipe.set_attention("selection", WindowSelection(plan), by="mdwa")
     if config.backend != "auto":
         pipe.set_attention("kernel", config.backend, by="mdwa")

@@ -111,6 +111,17 @@ class WindowPlan:
     def heads(self) -> int:
         return self.windows.shape[1]
 
+    def permute_heads(self, order: torch.Tensor) -> "WindowPlan":
+        """This plan for the model with permuted heads: head ``p`` of layer ``l`` gets the windows of head
+        ``order[l, p]`` (see :mod:`litevar.kvcompress.reorder`). The model identity is kept: it is the identity of
+        the weights as loaded."""
+        order = torch.as_tensor(order).long().cpu()
+        if tuple(order.shape) != (self.depth, self.heads):
+            raise PlanError(f"a head order for this plan must be [{self.depth}, {self.heads}], got {list(order.shape)}")
+        windows = self.windows.gather(1, order.view(self.depth, self.heads, 1, 1).expand_as(self.windows))
+        return WindowPlan(self.patch_nums, windows, self.geometry, self.full_query_scales, self.kept_key_scales,
+                          self.model, dict(self.meta))
+
     def _block_keep(self, layer: int, k: int, j: int) -> torch.Tensor:
         """bool [heads, n_k^2, n_j^2] for one block."""
         n_k, n_j = self.patch_nums[k], self.patch_nums[j]
