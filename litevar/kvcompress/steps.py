@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from ..registry import register_step
 from .heads import classify, load_heads, load_selectivity
 from .policies import CLASSES, POLICIES
+from .reorder import reorder_heads_
 
 CFG_MODES = ("per-row", "shared")
 CALIBRATED = ("hack", "scalekv")  # policies that read a `litevar calibrate-kv` file
@@ -28,6 +29,8 @@ class KVCompressConfig:
         merge: merge evicted keys' values into their most similar kept key (hack: contextual heads only).
         drafters: ``scalekv`` only: share of drafter layers (at least one).
         drafter_share: ``scalekv`` only: a drafter layer's budget over a refiner layer's.
+        reorder: ``hack`` only: permute each layer's heads (weights and window plan, exactly) so structural heads
+            come first and contextual heads after: each group is then a contiguous slice (views, not gathers).
     """
 
     policy: str
@@ -41,6 +44,7 @@ class KVCompressConfig:
     merge: bool = False
     drafters: float = 0.1
     drafter_share: float = 4.0
+    reorder: bool = False
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -50,8 +54,11 @@ class KVCompressConfig:
         if (self.policy in CALIBRATED) != (self.heads is not None):
             raise ValueError("heads (a file from `litevar calibrate-kv`) is required by policies hack and scalekv "
                              "and only by them")
-        if not isinstance(self.merge, bool):
-            raise ValueError(f"merge must be true or false, got {self.merge!r}")
+        for key in ("merge", "reorder"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        if self.reorder and self.policy != "hack":
+            raise ValueError("reorder (contiguous structural / contextual heads) is for policy hack only")
         if not 0 < self.drafters <= 1:
             raise ValueError(f"drafters (share of drafter layers) must be in (0, 1], got {self.drafters}")
         if not self.drafter_share >= 1:
@@ -79,7 +86,10 @@ def build_policy(pipe, config: KVCompressConfig):
     if config.policy == "hack":
         variance, calibrated = load_heads(config.heads, pipe.identity())
         alpha = calibrated if config.alpha is None else config.alpha
-        return CLASSES["hack"](budget, cfg.heads, cfg.depth, classify(variance, alpha),
+        contextual = classify(variance, alpha)
+        if config.reorder:
+            contextual = reorder_heads_(pipe, contextual)
+        return CLASSES["hack"](budget, cfg.heads, cfg.depth, contextual,
                                contextual_share=config.contextual_share, max_len=cfg.seq_len, **common)
     if config.policy == "scalekv":
         return CLASSES["scalekv"](budget, cfg.heads, cfg.depth, load_selectivity(config.heads, pipe.identity()),

@@ -169,6 +169,7 @@ def test_head_file_round_trip_and_wrong_model(tiny_pipe, heads_file, tmp_path):
     ({"policy": "h2o", "ratio": 0.5, "merge": "yes"}, "merge"),
     ({"policy": "h2o", "ratio": 0.5, "drafters": 0}, "drafters"),
     ({"policy": "h2o", "ratio": 0.5, "drafter_share": 0.5}, "drafter_share"),
+    ({"policy": "h2o", "ratio": 0.5, "reorder": True}, "reorder"),
 ])
 def test_bad_settings_are_refused(ref_dir, step, message):
     with pytest.raises(RecipeError, match=message):
@@ -212,3 +213,23 @@ def test_no_eviction_is_exact_in_bf16_and_with_int8_storage(ref_dir, heads_file)
     assert all(torch.equal(a, b) for a, b in zip(run([int8]), run([int8, _step("hack", 0.0, heads_file)])))
     bf16 = run([], "bf16")
     assert all(torch.equal(a, b) for a, b in zip(bf16, run([_step("scalekv", 0.0, heads_file, merge=True)], "bf16")))
+
+
+def test_reordered_heads_give_the_same_tokens_in_any_step_order(ref_dir, heads_file, tmp_path):
+    from litevar.attention.calibrate import save_plan
+    from litevar.attention.windows import WindowPlan
+
+    pipe = build_pipeline("fp32", **_args(ref_dir))
+    cfg = pipe.config.var
+    K = len(cfg.patch_nums)
+    windows = torch.randint(1, 4, (cfg.depth, cfg.heads, K, K), generator=torch.Generator().manual_seed(0))
+    save_plan(WindowPlan(cfg.patch_nums, windows.int(), "raster", full_query_scales=1, kept_key_scales=1,
+                         model=model_identity(pipe.var)), tmp_path / "plan.json")
+    mdwa = {"type": "mdwa", "plan": str(tmp_path / "plan.json"), "backend": "masked"}
+    plain = _run(ref_dir, [mdwa, _step("hack", 0.7, heads_file)]).tokens
+    reordered = _step("hack", 0.7, heads_file, reorder=True)
+    for steps in ([mdwa, reordered], [reordered, mdwa]):
+        assert all(torch.equal(a, b) for a, b in zip(plain, _run(ref_dir, steps).tokens))
+    rtn = {"type": "rtn", "w_bits": 8}
+    quantized = [_run(ref_dir, steps).tokens for steps in ([reordered, rtn], [rtn, reordered])]
+    assert all(torch.equal(a, b) for a, b in zip(*quantized))
