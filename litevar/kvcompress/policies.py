@@ -135,8 +135,9 @@ class HACK(Policy):
     """Head-aware budgets: ``contextual`` is bool [depth, heads] from :func:`litevar.kvcompress.heads.classify`.
 
     Args:
-        contextual: which heads are contextual. contextual_share: B_C / B_S. max_len: the whole pyramid's tokens
-            (no head's budget exceeds it; None: no cap). Others as :class:`Policy`.
+        contextual: which heads are contextual. contextual_share: B_C / B_S. max_len: the most tokens a head
+            can hold (the pyramid without its last scale; no budget exceeds it; None: no cap). Others as
+            :class:`Policy`.
     """
 
     name = "hack"
@@ -190,7 +191,7 @@ class ScaleKV(SnapKV):
 
     Args:
         selectivity: per (layer, scale), NaN where there is no history. drafters: share of drafter layers.
-        drafter_share: a drafter's budget over a refiner's. max_len: the whole pyramid's tokens (None: no cap).
+        drafter_share: a drafter's budget over a refiner's. max_len: the most tokens a head can hold (None: no cap).
     """
 
     name = "scalekv"

@@ -81,6 +81,7 @@ def build_policy(pipe, config: KVCompressConfig):
     """The policy object of ``config`` for ``pipe``'s model (budgets from the model's pyramid)."""
     cfg = pipe.config.var
     budget = max(1, round((1 - config.ratio) * cfg.seq_len))
+    stored = cfg.seq_len - cfg.patch_nums[-1] ** 2  # the most a head can hold: the last scale is never stored
     common = dict(observation=config.observation, sink_scales=config.sink_scales, shared_rows=config.cfg == "shared",
                   merge=config.merge)
     if config.policy == "hack":
@@ -90,10 +91,10 @@ def build_policy(pipe, config: KVCompressConfig):
         if config.reorder:
             contextual = reorder_heads_(pipe, contextual)
         return CLASSES["hack"](budget, cfg.heads, cfg.depth, contextual,
-                               contextual_share=config.contextual_share, max_len=cfg.seq_len, **common)
+                               contextual_share=config.contextual_share, max_len=stored, **common)
     if config.policy == "scalekv":
         return CLASSES["scalekv"](budget, cfg.heads, cfg.depth, load_selectivity(config.heads, pipe.identity()),
-                                  drafters=config.drafters, drafter_share=config.drafter_share, max_len=cfg.seq_len,
+                                  drafters=config.drafters, drafter_share=config.drafter_share, max_len=stored,
                                   **common)
     return CLASSES[config.policy](budget, cfg.heads, cfg.depth, **common)
 

@@ -233,3 +233,11 @@ def test_reordered_heads_give_the_same_tokens_in_any_step_order(ref_dir, heads_f
     rtn = {"type": "rtn", "w_bits": 8}
     quantized = [_run(ref_dir, steps).tokens for steps in ([reordered, rtn], [rtn, reordered])]
     assert all(torch.equal(a, b) for a, b in zip(*quantized))
+
+
+def test_hack_spends_the_whole_budget_when_structural_heads_hit_the_cap(ref_dir, heads_file):
+    # tiny pyramid: 30 storable tokens; at 60% removed the structural budget (32) is capped at 30 and the
+    # contextual heads get the rest, so HACK reserves what a uniform policy with the same budget reserves
+    hack = _run(ref_dir, [_step("hack", 0.6, heads_file)]).timings["kv_reserved_bytes"]
+    uniform = _run(ref_dir, [_step("h2o", 0.6, heads_file)]).timings["kv_reserved_bytes"]
+    assert hack == pytest.approx(uniform, rel=0.05)
