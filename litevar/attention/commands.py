@@ -247,6 +247,24 @@ def _index_list(text: str | None, name: str, size: int, default: list[int]) -> l
     return list(dict.fromkeys(values))
 
 
+def _kv_step(source: str | None):
+    """(recipe, its kv-compress config) of ``--kv-recipe``, read before any work; (None, None) without it."""
+    if source is None:
+        return None, None
+    from ..kvcompress.steps import KVCompressConfig
+    from ..recipe import load_recipe
+
+    recipe = load_recipe(source)
+    step = next((s for s in recipe.steps if isinstance(s, KVCompressConfig)), None)
+    if step is None:
+        raise UsageError(f"--kv-recipe {source}: the recipe has no kv-compress step; give a recipe with "
+                         '{"type": "kv-compress", ...} among its steps')
+    if step.heads is not None and not Path(step.heads).is_file():
+        raise UsageError(f"--kv-recipe {source}: its heads file {step.heads} is not found; make it with "
+                         "`litevar calibrate-kv` or fix the path")
+    return recipe, step
+
+
 def cmd_analyze(args: argparse.Namespace) -> None:
     from ..pipeline import check_sampling_args
     from ..recipe import build_pipeline
@@ -257,6 +275,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     positive("--batch-size", args.batch_size)
     out = Path(args.out)
     check_writable(out)
+    kv_recipe, kv_step = _kv_step(args.kv_recipe)
     pipe = build_pipeline(args.dtype, args.var_ckpt, args.vae_ckpt, args.config, device=args.device)
     cfg = pipe.config.var
     K = len(cfg.patch_nums)
@@ -280,6 +299,15 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     lowest = similarity.min().item()
     print(f"cond/uncond attention-output similarity: mean {similarity.mean().item():.3f}, lowest {lowest:.3f}")
     print(f"wrote {out / 'attention_maps.png'}, {out / 'cfg_similarity.png'} and {out / 'cfg_similarity.json'}")
+    if kv_recipe is not None:
+        from ..kvcompress.figures import write_kv_figures
+
+        del pipe, maps  # the recipe's pipeline is loaded anew: at most one model in memory
+        kv_pipe = build_pipeline(kv_recipe, args.var_ckpt, args.vae_ckpt, args.config, device=args.device)
+        written = write_kv_figures(kv_pipe, kv_step, layers, args.samples, args.batch_size, args.seed, out,
+                                   progress=progress, extra={"recipe": kv_recipe.to_dict(), "model": report["model"]},
+                                   **sampling)
+        print(f"wrote {', '.join(str(p) for p in written)}")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -316,9 +344,12 @@ def add_attention_commands(sub: Any) -> None:
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_calibrate)
 
-    a = sub.add_parser("analyze-attention", help="attention maps and cond/uncond similarity figures (LiteVAR Fig. 2)",
+    a = sub.add_parser("analyze-attention", help="attention maps and cond/uncond similarity figures (LiteVAR Fig. 2); "
+                       "kept-key figures of a kv-compress recipe",
                        description="Writes OUT/attention_maps.png (mean attention of chosen layers/heads/query "
-                       "scales over all cached keys), OUT/cfg_similarity.png and OUT/cfg_similarity.json.")
+                       "scales over all cached keys), OUT/cfg_similarity.png and OUT/cfg_similarity.json; with "
+                       "--kv-recipe also OUT/kv_kept_keys.png and .json (which keys the recipe's KV policy keeps "
+                       "per layer, head and scale) and, for policy hack, OUT/kv_heads.png (the head types).")
     add_model_args(a)
     a.add_argument("--layers", help="comma-separated layers (default: all)")
     a.add_argument("--heads", help="comma-separated heads (default: 0,1)")
@@ -330,6 +361,9 @@ def add_attention_commands(sub: Any) -> None:
     a.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
     a.add_argument("--device", default="cpu")
     a.add_argument("--plan", help="a window plan JSON: outline its kept region on the maps")
+    a.add_argument("--kv-recipe", metavar="RECIPE",
+                   help="a recipe JSON with a kv-compress step: also draw which keys its KV policy keeps (the same "
+                   "samples, in the recipe's dtype)")
     a.add_argument("--out", required=True, help="output folder (its figures are replaced)")
     a.add_argument("--no-progress", action="store_true")
     a.set_defaults(func=cmd_analyze)

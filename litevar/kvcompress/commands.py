@@ -6,33 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..cli_args import UsageError, add_model_args, check_writable, positive
-from ..files import write_atomic
+from .figures import draw_heads
 from .heads import classify, measure_heads, natural_alpha, save_heads
-
-
-def draw_heads(variance: torch.Tensor, alpha: float, path: Path) -> None:
-    """Each head's summed column variance (log scale) by layer, contextual heads (lowest alpha share) in blue."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    contextual = classify(variance, alpha)
-    depth, heads = variance.shape
-    fig = Figure(figsize=(max(4.0, 0.35 * depth + 2), 3.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for label, mask, colour in (("structural", ~contextual, "tab:red"), ("contextual", contextual, "tab:blue")):
-        layer, head = torch.nonzero(mask, as_tuple=True)
-        ax.scatter(layer.numpy(), variance[layer, head].clamp_min(1e-12).numpy(), s=14, c=colour, label=label)
-    ax.set_yscale("log")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("column variance of last-scale attention")
-    ax.set_title(f"{int(contextual.sum())} of {depth * heads} heads contextual (alpha {alpha:.2f})", fontsize=9)
-    ax.set_xticks(range(depth))
-    ax.legend(fontsize=8)
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
 def cmd_calibrate_kv(args: argparse.Namespace) -> None:
