@@ -405,7 +405,8 @@ def guidance_section(load: _Reader) -> list[str]:
 
 def kv_section(load: _Reader) -> list[str]:
     files = load.glob("kv/eval_*.json") + load.glob("kv/bench_*.json") + load.glob("kv/shapes/memory_*.json")
-    for rel in files + load.glob("kv/heads_default.json"):
+    figures = load.glob("kv/figures_*/kv_kept_keys.json")
+    for rel in files + figures + load.glob("kv/heads_default.json"):
         load(rel)
     machines = sorted({machine_label(load(r)["machine"]) for r in files})
     with _at_root():
@@ -417,7 +418,10 @@ def kv_section(load: _Reader) -> list[str]:
     return ["## KV-cache compression (`make kv-default`, `make kv-shapes`)", "",
             "`python benchmarks/kv_table.py` on `results/kv/`: the default model (ratio = share of the pyramid "
             "removed; HACK's heads from `results/kv/heads_default.json`), then the released shapes with random "
-            f"weights (`results/kv/shapes/`). {setting}Machines: {', '.join(machines) or '-'}.", "", table]
+            f"weights (`results/kv/shapes/`). {setting}Machines: {', '.join(machines) or '-'}. Which keys a policy "
+            "keeps, per head and scale (`litevar analyze-attention --kv-recipe`): "
+            + (", ".join(f"`results/{Path(r).parent.as_posix()}/kv_kept_keys.png`" for r in figures) or "-") + ".",
+            "", table]
 
 
 SECTIONS = [machines_section, default_model_section, eval_section, bench_section, attention_section,
