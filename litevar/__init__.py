@@ -7,7 +7,7 @@ from .pipeline import GenerationOutput, Pipeline, load_pipeline
 from .recipe import Recipe, RecipeError, build_pipeline, load_recipe
 # The recipe steps litevar ships register themselves in litevar.registry on import. Every litevar module is
 # imported after this package, so any recipe parsed anywhere sees them; the registry itself stays below them.
-from .attention import guidance as _guidance, steps as _attention_steps  # noqa: F401
+from .attention import guidance as _guidance, steps as _attention_steps, token_prune as _token_prune  # noqa: F401
 from .kvcompress import steps as _kv_steps  # noqa: F401
 from .quant import decoder as _decoder_int8, methods as _quant_methods  # noqa: F401
 

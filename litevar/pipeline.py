@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .attention.context import AttnContext
 from .attention.components import AttentionComponents
 from .attention.processor import ComposedAttnProcessor
+from .attention.token_prune import PruneState
 from .models.kernels import install_inference_fusions
 from .models.configs import PipelineConfig, load_config
 from .models.loading import CheckpointError, infer_config, load_strict, read_state_dict, resolve_hub
@@ -268,13 +269,18 @@ class Pipeline:
         tokens = []
         guidance = self.attention.guidance
         uncond_until = n_scales if guidance is None else guidance.uncond_until
+        pruning = self.attention.tokens
+        prune_state = PruneState()
         for si, pn in enumerate(tqdm(vcfg.patch_nums, desc="scales", disable=not progress, leave=False)):
             ratio = si / max(n_scales - 1, 1)
             ctx.scale_index = si
             if si == uncond_until:  # from here on the unconditional rows are not computed (guidance schedule)
                 x_BLC, block_mods, head_mod = x_BLC[:B], [m[:B] for m in block_mods], head_mod[:B]
                 ctx.cfg_batch = None
-            logits_2BlV = var.forward_scale(x_BLC, block_mods, head_mod, ctx)
+            if pruning is None:
+                logits_2BlV = var.forward_scale(x_BLC, block_mods, head_mod, ctx)
+            else:  # the late layers of pruned scales run on their pivotal tokens only (token-prune step)
+                logits_2BlV = pruning.forward_scale(var, x_BLC, block_mods, head_mod, ctx, prune_state)
             clock.totals["per_scale"].append(clock.lap("transformer"))
             t = cfg * ratio if guidance is None else guidance.weight(cfg, si)
             if si < uncond_until:

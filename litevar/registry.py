@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 # Steps run phase by phase, whatever their order in the recipe (in recipe order within a phase): the sampler's
-# CFG schedule first (it decides which rows exist, so every calibration below sees the sampler as guided), then
-# attention configuration (it sets components, touches no weights), then weight transforms (calibrated on the
-# model the attention steps configured), then the VQ-VAE decoder.
+# CFG schedule and token pruning first (they decide which rows and tokens exist, so every calibration below sees
+# the sampler as guided and pruned), then attention configuration (it sets components, touches no weights), then
+# weight transforms (calibrated on the model the attention steps configured), then the VQ-VAE decoder.
 PHASES = ("sampling", "attention", "weights", "decoder")
 
 Handler = Callable[[Any, Any], None]

@@ -10,6 +10,7 @@ component      what it decides                             set by
 ``kv_policy``  which keys the KV cache keeps (budgets)     ``kv-compress``
 ``kernel``     which kernel computes (default ``auto``)    ``mdwa`` ``backend``
 ``guidance``   per-scale CFG weights, uncond rows dropped  ``guidance``
+``tokens``     which tokens the late layers compute        ``token-prune``
 =============  ==========================================  ===================
 
 Each component is set once, by one step; setting it again (two steps claiming it) is refused with a
@@ -26,7 +27,7 @@ import torch
 from .kv_cache import Int8KVCache, KVCache
 from .windows import WindowPlan
 
-COMPONENTS = ("selection", "sharing", "precision", "kv", "kv_policy", "kernel", "guidance")
+COMPONENTS = ("selection", "sharing", "precision", "kv", "kv_policy", "kernel", "guidance", "tokens")
 KV_STORAGES = {"model": KVCache, "int8": Int8KVCache}
 
 
@@ -97,6 +98,8 @@ class AttentionComponents:
         kernel: the dispatcher's kernel choice (see :mod:`litevar.attention.dispatch`).
         guidance: a :class:`~litevar.attention.guidance.GuidanceSchedule`, or None for upstream's linear ramp with
             both CFG halves at every scale.
+        tokens: a :class:`~litevar.attention.token_prune.TokenPrunePlan` (which layers compute only some tokens
+            of which scales), or None for every token everywhere.
 
     Example:
         >>> parts = AttentionComponents()
@@ -112,6 +115,7 @@ class AttentionComponents:
     kv_policy: Any = None
     kernel: str = "auto"
     guidance: Any = None
+    tokens: Any = None
     owners: dict[str, str] = field(default_factory=dict)
 
     def set(self, component: str, value: Any, by: str) -> None:
@@ -145,11 +149,21 @@ class AttentionComponents:
             raise ComponentConflict(f"steps {self.owners['guidance']!r} (unconditional rows dropped from scale "
                                     f"{self.guidance.uncond_until}) and {self.owners['kv_policy']!r} cannot run "
                                     "together: the compressed KV cache cannot change its batch between scales")
+        if self.tokens is not None:
+            for component, why in (("selection", "its window plan selects keys by their position in the pyramid"),
+                                   ("kv_policy", "its budgets and kept positions index every token of a scale")):
+                if getattr(self, component) is not None:
+                    raise ComponentConflict(f"steps {self.owners['tokens']!r} and {self.owners[component]!r} cannot "
+                                            f"run together: {why}, and token pruning leaves the pruned tokens out "
+                                            "of the late layers and their KV cache; keep one of them")
 
     def make_caches(self, rows: int, cfg, dtype: torch.dtype, device) -> list:
-        """One KV cache per block for sampling ``rows`` rows of a model of config ``cfg``."""
+        """One KV cache per block for sampling ``rows`` rows of a model of config ``cfg`` (a layer that token pruning
+        runs on fewer tokens reserves only what it stores)."""
         if self.kv_policy is None:
-            return [self.kv.make(rows, cfg.heads, cfg.seq_len, cfg.head_dim, dtype, device) for _ in range(cfg.depth)]
+            lengths = [cfg.seq_len if self.tokens is None else self.tokens.reserved_len(layer)
+                       for layer in range(cfg.depth)]
+            return [self.kv.make(rows, cfg.heads, length, cfg.head_dim, dtype, device) for length in lengths]
         from .kv_compressed import CompressedKVCache
 
         return [CompressedKVCache(rows, cfg.heads, cfg.head_dim, dtype, device, self.kv_policy.groups(layer),
@@ -163,4 +177,5 @@ class AttentionComponents:
                 "precision": None if self.precision is None else getattr(self.precision, "bits", True),
                 "kv_storage": self.kv.storage, "kernel": self.kernel, "set_by": dict(self.owners),
                 "guidance": None if self.guidance is None else self.guidance.describe(),
+                "tokens": None if self.tokens is None else self.tokens.describe(),
                 "kv_policy": None if self.kv_policy is None else self.kv_policy.describe()}
