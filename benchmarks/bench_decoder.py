@@ -6,8 +6,10 @@ fidelity on the shipped default model.
 - ``layers``: every distinct convolution shape of the decoder of ``--shape`` (random weights) at ``--batch``:
   the bf16 module vs :class:`~litevar.quant.conv.Int8Conv2d` (input rounding included; also with ATen's quantize
   in one call instead of cache-sized chunks); which layers the default rule (``min_reduction``) converts.
-- ``decoder``: the whole decoder on one batch of random-token latents: bf16, int8 by the default rule, int8
-  everywhere. Ranges come from decoding other random tokens (with random weights they set no speed).
+- ``decoder``: the whole decoder on one batch of random-token latents: bf16 (all float), int8 by the default rule,
+  int8 where this CPU's probe (``select: "probe"``, :mod:`litevar.quant.probe`, at ``--batch``) chose it, int8
+  everywhere. Ranges come from decoding other random tokens (with random weights they set no speed). ``probe``
+  holds the probe's choice and per-layer timings (cached per CPU: ``--probe-fresh`` measures again).
 - ``fidelity``: the shipped default model, ``--samples`` generated token maps (evaluation seeds 0..), decoded by
   the bf16 decoder and by int8 decoders calibrated on the step's own generations (seeds 100000..); PSNR of the
   images in [0, 1], with the fp32-vs-bf16 PSNR as the floor bf16 itself sets.
@@ -31,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_sampling import cpu_flags  # noqa: E402
 from litevar.quant.conv import ACT_SPEC, Int8Conv2d, Int8Upsample2x, onednn_int8_conv_available  # noqa: E402
 from litevar.quant.decoder import (DecoderInt8Config, calibrate_decoder, quantize_decoder_,  # noqa: E402
-                                   reduction, replace_decoder_convs, select_convs)
+                                   reduction, replace_decoder_convs, select_convs, selection)
+from litevar.quant.probe import describe  # noqa: E402
 from litevar.quant.kernels import quantize_static  # noqa: E402
 from litevar.recipe import build_pipeline  # noqa: E402
 
@@ -119,19 +122,30 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float | None:
     return None if mse == 0 else round(10 * torch.log10(torch.tensor(1 / mse)).item(), 2)
 
 
-def int8_vae(vae, config: DecoderInt8Config, calib: list):
-    """A copy of ``vae`` with the convolutions ``config`` chooses on int8, ranges from decoding ``calib``."""
+def int8_vae(vae, config: DecoderInt8Config, calib: list, names: list[str] | None = None):
+    """A copy of ``vae`` with the convolutions ``config`` chooses (or ``names``) on int8, ranges from decoding
+    ``calib``."""
     vae = copy.deepcopy(vae)
-    names = select_convs(vae.decoder, config)
+    names = select_convs(vae.decoder, config) if names is None else names
     replace_decoder_convs(vae.decoder, calibrate_decoder(vae, calib, names, config.act_range, config.percentile))
     return vae, names
 
 
-def bench_decoder(pipe, batch: int, repeats: int, default: DecoderInt8Config) -> dict:
+def probe_choice(pipe, batch: int, fresh: bool) -> dict:
+    """The probe's choice for this CPU at ``batch`` (``select: "probe"``), with its per-layer timings."""
+    start = time.perf_counter()
+    report = selection(pipe.vae, DecoderInt8Config(select="probe", probe_batch=batch), use_cache=not fresh)
+    report["probe_seconds"] = round(time.perf_counter() - start, 1)
+    print(describe(report), flush=True)
+    return report
+
+
+def bench_decoder(pipe, batch: int, repeats: int, default: DecoderInt8Config, probe: dict) -> dict:
     f_hat = pipe.vae.quantize.idx_to_fhat(random_tokens(pipe, batch, 1))
     calib = [random_tokens(pipe, 2, 2)]
     variants = {"bf16": (pipe.vae, [])}
     variants["int8_default_rule"] = int8_vae(pipe.vae, default, calib)
+    variants["int8_probe"] = int8_vae(pipe.vae, default, calib, probe["chosen"])
     variants["int8_all_convs"] = int8_vae(pipe.vae, DecoderInt8Config(min_reduction=0), calib)
     raw: dict[str, list] = {}
     ms, fastest = interleaved({name: (lambda vae=vae: vae.fhat_to_img(f_hat)) for name, (vae, _) in variants.items()},
@@ -187,6 +201,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=20, help="generated token maps for the fidelity part")
     parser.add_argument("--calib-samples", type=int, default=8)
     parser.add_argument("--skip", nargs="*", default=[], choices=["layers", "decoder", "fidelity"])
+    parser.add_argument("--probe-fresh", action="store_true", help="measure the probe again instead of reading "
+                        "its per-CPU cache")
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
     parser.add_argument("--quick", action="store_true", help="batch 1, 2 repeats, 4 samples")
     args = parser.parse_args()
@@ -203,7 +219,9 @@ def main() -> None:
         if "layers" not in args.skip:
             result["layers"] = bench_layers(pipe, args.batch, args.repeats, default)
         if "decoder" not in args.skip:
-            result["decoder"] = bench_decoder(pipe, args.batch, args.decoder_repeats or args.repeats, default)
+            result["probe"] = probe_choice(pipe, args.batch, args.probe_fresh)
+            result["decoder"] = bench_decoder(pipe, args.batch, args.decoder_repeats or args.repeats, default,
+                                              result["probe"])
         del pipe
     if "fidelity" not in args.skip:
         result["fidelity"] = fidelity(args.samples, args.calib_samples)

@@ -17,6 +17,17 @@ MAX_DEFLATE_RATIO = 1032  # deflate's largest possible inflation
 NPY_VERSIONS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
+def user_cache_dir() -> Path:
+    """litevar's per-user cache folder (built kernels, measured decoder choices): ``$LITEVAR_CACHE``, else
+    ``~/.cache/litevar``. Nothing in it is needed for correctness: deleting it only costs rebuilding / measuring.
+
+    Example:
+        >>> user_cache_dir().name  # doctest: +SKIP
+        'litevar'
+    """
+    return Path(os.environ.get("LITEVAR_CACHE") or Path.home() / ".cache" / "litevar")
+
+
 class FileFormatError(ValueError):
     """A file whose bytes do not hold what litevar wrote there (truncated, corrupted or of another kind)."""
 

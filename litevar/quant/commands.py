@@ -51,7 +51,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     summary = {"recipe": recipe.name, "quantize_seconds": round(seconds, 2),
                "weight_bytes": {"dense": before, "quantized": after,
                                 "ratio": sum(after.values()) / max(sum(before.values()), 1)},
-               "calibration": getattr(pipe, "quant_calibration", None)}
+               "calibration": getattr(pipe, "quant_calibration", None),
+               "decoder_int8": getattr(pipe, "decoder_int8_report", None)}
     save_quantized(pipe, recipe, out, extra=summary)
     (out / "quantize.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))

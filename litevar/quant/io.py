@@ -133,8 +133,10 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu") -> tu
     for step in recipe.steps:
         if isinstance(step, QuantConfig):
             quantize_(pipe, step, skeleton=True)
-        elif isinstance(step, DecoderInt8Config):
-            quantize_decoder_(pipe, step, skeleton=True)
+        elif isinstance(step, DecoderInt8Config):  # a probe's choice is the saving machine's: read it from the file
+            saved = [k.removeprefix("decoder.").removesuffix(".weight_int8") for k in vae_state
+                     if k.startswith("decoder.") and k.endswith(".weight_int8")]
+            quantize_decoder_(pipe, step, skeleton=True, names=saved if step.select == "probe" else None)
         else:
             raise RecipeError(f"{folder}: only quantization steps can be restored from a saved model, got {step!r}")
     state = dict(tensors)
