@@ -304,7 +304,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
         del pipe, maps  # the recipe's pipeline is loaded anew: at most one model in memory
         kv_pipe = build_pipeline(kv_recipe, args.var_ckpt, args.vae_ckpt, args.config, device=args.device)
-        written = write_kv_figures(kv_pipe, kv_step, layers, args.samples, args.batch_size, args.seed, out,
+        written = write_kv_figures(kv_pipe, kv_step, layers, (args.samples, args.batch_size, args.seed), out,
                                    progress=progress, extra={"recipe": kv_recipe.to_dict(), "model": report["model"]},
                                    **sampling)
         print(f"wrote {', '.join(str(p) for p in written)}")

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..quant.groups import tokens_of_scale
 from ..registry import register_step
+from .token_subset import tokens_of_scale
 
 CRITERIA = ("deviation", "upsampled")
 UPSAMPLERS = ("area", "bilinear", "bicubic", "nearest")

@@ -258,12 +258,14 @@ def draw_heads(variance: torch.Tensor, alpha: float, path: Path) -> None:
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
-def write_kv_figures(pipe, step, layers: Sequence[int], samples: int, batch_size: int, seed: int, out: Path,
+def write_kv_figures(pipe, step, layers: Sequence[int], jobs: tuple[int, int, int], out: Path,
                      progress: bool = True, extra: dict | None = None, **sampling) -> list[Path]:
     """``litevar analyze-attention --kv-recipe``: OUT/kv_kept_keys.png and .json for ``pipe`` (built with a recipe
-    whose kv-compress config is ``step``), and OUT/kv_heads.png for policy hack. Returns the files written."""
+    whose kv-compress config is ``step``) over ``jobs`` = (samples, batch size, seed), and OUT/kv_heads.png for
+    policy hack. Returns the files written."""
     from .heads import load_heads
 
+    samples, batch_size, seed = jobs
     cfg = pipe.config.var
     record = record_kept_keys(pipe, samples, batch_size, seed, step.ratio, progress, **sampling)
     policy = pipe.attention.kv_policy

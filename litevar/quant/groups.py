@@ -6,32 +6,11 @@ so static parameters per group of positions can be calibrated offline. A call se
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator
-
 import torch
 
+from ..attention.token_subset import subset_scale
+
 GROUPINGS = ("tensor", "first", "scale")
-# Set while the calls run over a subset of one scale's tokens (token pruning): their length names no scale.
-_SUBSET_OF_SCALE: contextvars.ContextVar[int | None] = contextvars.ContextVar("litevar_subset_of_scale", default=None)
-
-
-@contextlib.contextmanager
-def tokens_of_scale(scale_index: int) -> Iterator[None]:
-    """Calls inside run over some of the tokens of scale ``scale_index`` (token pruning keeps a subset): token
-    groups give every token of such a call that scale's group, whatever the call's length.
-
-    Example:
-        >>> with tokens_of_scale(2):
-        ...     TokenGroups((1, 2, 3), "scale").ids(4).tolist()
-        [2, 2, 2, 2]
-    """
-    token = _SUBSET_OF_SCALE.set(scale_index)
-    try:
-        yield
-    finally:
-        _SUBSET_OF_SCALE.reset(token)
 
 
 class TokenGroups:
@@ -72,8 +51,8 @@ class TokenGroups:
 
     def ids(self, tokens: int) -> torch.Tensor:
         """Group ids [tokens] of a call over ``tokens`` positions (one scale, or the whole sequence; inside
-        :func:`tokens_of_scale`, some tokens of that scale)."""
-        subset_of = _SUBSET_OF_SCALE.get()
+        :func:`~litevar.attention.token_subset.tokens_of_scale`, some tokens of that scale)."""
+        subset_of = subset_scale()
         if subset_of is not None:  # a pruned scale never holds position 0 (scale 0 is never pruned)
             return self.group_of_pos[self._scale_begin[subset_of]].expand(tokens)
         if tokens == self.seq_len:

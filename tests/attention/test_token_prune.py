@@ -20,7 +20,8 @@ from litevar.attention.context import AttnContext
 from litevar.attention.token_prune import PruneState, TokenPruneConfig, TokenPrunePlan
 from litevar.attention.windows import WindowPlan
 from litevar.eval.generation_flops import count_generation_flops
-from litevar.quant.groups import TokenGroups, tokens_of_scale
+from litevar.attention.token_subset import tokens_of_scale
+from litevar.quant.groups import TokenGroups
 from litevar.recipe import Recipe, RecipeError, apply_recipe, build_pipeline
 
 LABELS, SEEDS = [1, 4], [3, 4]
