@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch
 
-from litevar import build_pipeline, load_recipe
 from litevar.attention.context import AttnContext
 from litevar.attention.token_prune import PruneState
 from litevar.eval.bench import machine_info
 from litevar.jobs import JobList
+
+from interleaved import call_rounds, generation_rounds, load_pair
 
 
 def _rows(pipe, B: int, scale: int) -> tuple[int, int | None]:
@@ -73,14 +74,6 @@ def _scale_forward(pipe, labels: list[int], scale: int):
     return run
 
 
-def _pipes(args) -> tuple[object, dict]:
-    torch.set_num_threads(args.threads)
-    recipe = load_recipe(args.recipe)
-    pipes = {"dense": build_pipeline(recipe.dtype, random_shape=args.shape),
-             "candidate": build_pipeline(recipe, random_shape=args.shape)}
-    return recipe, pipes
-
-
 def _header(args, recipe, pipes) -> dict:
     tokens = pipes["candidate"].attention.tokens
     return {"recipe": recipe.to_dict(), "token_prune": None if tokens is None else tokens.describe(),
@@ -95,19 +88,10 @@ def _write(report: dict, out: str) -> None:
 
 
 def main_generate(args) -> None:
-    recipe, pipes = _pipes(args)
+    recipe, pipes = load_pair(args.recipe, args.shape, args.threads)
     jobs = JobList(range(pipes["dense"].num_classes), samples=args.batch, seed=args.seed)
     labels, seeds = jobs.batch(range(args.batch))
-    runs: dict[str, list] = {name: [] for name in pipes}
-    for r in range(args.rounds + 1):
-        for name, pipe in pipes.items():
-            start = time.perf_counter()
-            out = pipe.generate(labels, seed=seeds, progress=False, timings=True)
-            entry = {"seconds": time.perf_counter() - start, **{k: out.timings[k] for k in ("transformer", "sampling",
-                                                                                          "decoder", "per_scale")}}
-            if r:  # round 0 warms up
-                runs[name].append(entry)
-            print(f"round {r} {name}: {entry['seconds']:.2f} s, last scale {entry['per_scale'][-1]:.3f} s", flush=True)
+    runs = generation_rounds(pipes, labels, seeds, args.rounds)
     scales = len(runs["dense"][0]["per_scale"])
     ratios = [[c["per_scale"][k] / d["per_scale"][k] for d, c in zip(runs["dense"], runs["candidate"])]
               for k in range(scales)]
@@ -124,17 +108,11 @@ def main_generate(args) -> None:
 
 
 def main_scale(args) -> None:
-    recipe, pipes = _pipes(args)
+    recipe, pipes = load_pair(args.recipe, args.shape, args.threads)
     scale = args.scale % len(pipes["dense"].config.var.patch_nums)
     labels, _ = JobList(range(pipes["dense"].num_classes), samples=args.batch, seed=args.seed).batch(range(args.batch))
     runners = {name: _scale_forward(pipe, labels, scale) for name, pipe in pipes.items()}
-    seconds: dict[str, list] = {name: [] for name in pipes}
-    for r in range(args.rounds + 1):
-        for name, run in runners.items():
-            spent = run()
-            if r:  # round 0 warms up
-                seconds[name].append(spent)
-            print(f"round {r} {name}: scale {scale} transformer {spent:.3f} s", flush=True)
+    seconds = call_rounds(runners, args.rounds, f"scale {scale} transformer")
     ratios = [c / d for d, c in zip(seconds["dense"], seconds["candidate"])]
     report = {"what": f"transformer seconds of scale {scale} alone (KV cache filled to its prefix), dense vs "
                       "candidate, interleaved rounds in one process after one warm-up round",
