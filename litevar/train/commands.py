@@ -12,7 +12,8 @@ from . import recipes
 
 def _train_config(args: argparse.Namespace, base) -> "recipes.TrainConfig":
     return dataclasses.replace(base, steps=args.steps or base.steps, batch_size=args.batch_size or base.batch_size,
-                               lr=args.lr or base.lr, seed=base.seed if args.seed is None else args.seed)
+                               lr=args.lr or base.lr, seed=base.seed if args.seed is None else args.seed,
+                               bf16=base.bf16 and not args.fp32)
 
 
 def _common(parser: argparse.ArgumentParser, out_default: str | None) -> None:
@@ -26,6 +27,8 @@ def _common(parser: argparse.ArgumentParser, out_default: str | None) -> None:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
+    parser.add_argument("--fp32", action="store_true",
+                        help="train in float32 instead of bf16 autocast (much faster on CPUs without bf16 instructions)")
     parser.add_argument("--no-progress", action="store_true")
 
 
