@@ -18,7 +18,7 @@ from .attention.token_prune import PruneState
 from .models.kernels import install_inference_fusions
 from .models.configs import PipelineConfig, load_config
 from .models.loading import CheckpointError, infer_config, load_strict, read_state_dict, resolve_hub
-from .models.default import default_model
+from .models.default import default_model, is_shipped
 from .models.mvar import MVAR, build_transformer
 from .models.var import VAR
 from .models.vqvae import VQVAE
@@ -330,7 +330,7 @@ def load_pipeline(var_ckpt: str | Path | None = None, vae_ckpt: str | Path | Non
             a released model name ``"var-d16"`` ... ``"var-d36"``, ``"mvar-d16"`` ... ``"mvar-d32"`` (resolved
             through the Hugging Face cache; then ``vae_ckpt`` defaults to the released VQ-VAE).
             None (and no ``vae_ckpt``): the shipped default model (Fashion-MNIST, see its model card),
-            with its recommended sampling settings as ``pipe.sampling``.
+            with its recommended sampling settings as ``pipe.sampling``; ``"default-mvar"``: the shipped M-VAR.
         vae_ckpt: the VQ-VAE checkpoint path.
         config: None (inferred from the files), a dict or JSON path in the litevar or upstream keyword
             format (``{"var": {...}, "vae": {...}}``), or a preset name.
@@ -345,10 +345,12 @@ def load_pipeline(var_ckpt: str | Path | None = None, vae_ckpt: str | Path | Non
     dtype = parse_dtype(dtype)
     device = torch.device(device)
     sampling = class_names = None
-    if var_ckpt is None:
+    if is_shipped(var_ckpt):
         if vae_ckpt is not None:
-            raise CheckpointError("vae_ckpt was given without var_ckpt; pass both, or neither for the default model")
-        var_ckpt, vae_ckpt, card = default_model()
+            raise CheckpointError("vae_ckpt was given without var_ckpt; pass both, or neither for the default model"
+                                  if var_ckpt is None else f"vae_ckpt was given with the shipped {var_ckpt}, which "
+                                  "brings its own VQ-VAE; pass both checkpoint files, or the name alone")
+        var_ckpt, vae_ckpt, card = default_model(var_ckpt or "default")
         config = card["config"] if config is None else config
         sampling, class_names = card["sampling"], card.get("class_names")
     if not Path(var_ckpt).exists() and re.fullmatch(r"m?var[-_]d\d+", str(var_ckpt)):

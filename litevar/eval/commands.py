@@ -11,6 +11,7 @@ import torch
 
 from ..files import FileFormatError, read_npz, reading, write_atomic
 from ..jobs import JobList
+from ..models.default import is_shipped
 from .quality import FEATURE_SIZE
 
 
@@ -105,7 +106,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return
     if args.threads:
         torch.set_num_threads(positive("--threads", args.threads))
-    default_model = args.var_ckpt is None and args.vae_ckpt is None
+    default_model = is_shipped(args.var_ckpt) and args.vae_ckpt is None
     data = (("fashion-mnist" if default_model else None) if args.data == "auto" else
             None if args.data == "none" else args.data)
     out = Path(args.out)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from ..cli_args import UsageError, add_model_args, add_sampling_args, check_run, check_writable, positive
 from ..images import to_uint8
 from ..jobs import JobList
+from ..models.default import is_shipped
 from ..files import FileFormatError, json_safe, read_npz, reading, write_atomic
 from ..recipe import Recipe, apply_recipe, build_pipeline, load_recipe
 from ..registry import STEPS
@@ -356,7 +357,7 @@ def layer_sensitivity(settings: SensitivitySettings | None = None, var_ckpt: str
     sampling = dense.resolve_sampling(cfg=settings.cfg, top_k=settings.top_k, top_p=settings.top_p, more_smooth=False)
     jobs = settings.jobs(dense.num_classes)
     labels, seeds = jobs.labels, jobs.seeds
-    default_model = var_ckpt is None and vae_ckpt is None and shape is None
+    default_model = is_shipped(var_ckpt) and vae_ckpt is None and shape is None
     classifier, record["data"], cc_note = _classifier(settings.data, default_model, dense.num_classes)
     record.update(sampling=sampling, images=len(labels))
     run_settings = {k: v for k, v in record.items() if k != "tolerance"}

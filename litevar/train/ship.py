@@ -1,6 +1,6 @@
-"""Install a trained VQ-VAE + VAR pair as the package's default model (``make default-model`` runs this).
+"""Install a trained VQ-VAE + VAR (or M-VAR) pair as a shipped model (``make default-model`` / ``make default-mvar``).
 
-Usage: ``python -m litevar.train.ship runs/default [--cfg 1.5 --top-k 0 --top-p 0]``
+Usage: ``python -m litevar.train.ship runs/default [--arch mvar] [--cfg 1.5 --top-k 0 --top-p 0]``
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..data import FASHION_MNIST_CLASSES
 from ..files import write_atomic
-from ..models.default import CARD_FILE, DEFAULT_DIR, VAE_FILE, VAR_FILE
+from ..models.default import ASSETS_DIR, CARD_FILE, DEFAULT_DIR, SHIPPED, VAE_FILE, VAR_FILE
 from ..models.loading import CheckpointError
 from .export import read_model
 from .loop import DONE_FILE
@@ -20,20 +20,26 @@ from .var import VAR_WEIGHTS
 
 
 def ship(run_dir: str | Path, dest: Path = DEFAULT_DIR, sampling: dict | None = None,
-         class_names: tuple[str, ...] = FASHION_MNIST_CLASSES) -> Path:
-    """Copy ``run_dir/vae/vae.safetensors`` and ``run_dir/var/var.safetensors`` to ``dest`` with a model card."""
+         class_names: tuple[str, ...] = FASHION_MNIST_CLASSES, arch: str = "var") -> Path:
+    """Copy ``run_dir/vae/vae.safetensors`` and ``run_dir/<arch>/var.safetensors`` (``arch``: ``var`` or ``mvar``,
+    the ``train-var --arch`` folders) to ``dest`` with a model card."""
+    if arch not in ("var", "mvar"):
+        raise ValueError(f"arch must be 'var' or 'mvar', got {arch!r}")
     run_dir = Path(run_dir)
-    sources = {VAE_FILE: run_dir / "vae" / VAE_WEIGHTS, VAR_FILE: run_dir / "var" / VAR_WEIGHTS}
+    sources = {VAE_FILE: run_dir / "vae" / VAE_WEIGHTS, VAR_FILE: run_dir / arch / VAR_WEIGHTS}
     for src in sources.values():
         if not (src.parent / DONE_FILE).exists():
             raise CheckpointError(f"{src.parent} has no finished training run; finish `litevar train-vae/train-var` first")
     vae_meta, var_meta = read_model(sources[VAE_FILE])[1], read_model(sources[VAR_FILE])[1]
-    training = {part: json.loads((run_dir / part / DONE_FILE).read_text()) for part in ("vae", "var")}
-    card = {"name": "litevar-fashion-mnist-d4",
+    if arch not in var_meta:
+        raise CheckpointError(f"{sources[VAR_FILE]} holds a {next(iter(var_meta), 'unknown')} model, not a {arch}")
+    training = {part: json.loads((run_dir / part / DONE_FILE).read_text()) for part in ("vae", arch)}
+    card = {"name": f"litevar-fashion-mnist-{'mvar-' if arch == 'mvar' else ''}d{var_meta[arch]['depth']}",
             "data": "Fashion-MNIST (Debian dataset-fashion-mnist, MIT), 60k train images, 28x28 zero-padded to 32x32",
-            "config": {"var": var_meta["var"], "vae": vae_meta["vae"]},
+            "config": {arch: var_meta[arch], "vae": vae_meta["vae"]},
             "sampling": {"cfg": 1.5, "top_k": 0, "top_p": 0.0, "more_smooth": False, **(sampling or {})},
-            "class_names": list(class_names), "training": training, "command": "make default-model"}
+            "class_names": list(class_names), "training": training,
+            "command": SHIPPED["default-mvar" if arch == "mvar" else "default"]}
     dest.mkdir(parents=True, exist_ok=True)
     for name, src in sources.items():
         write_atomic(dest / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
@@ -57,14 +63,18 @@ def write_card(dest: Path = DEFAULT_DIR, quality_dir: str | Path = "runs/quality
     reports = {p.stem: json.loads(p.read_text()) for p in sorted(Path(quality_dir).glob("*.json"))}
     card["metrics"] = {name: {k: v for k, v in r.items() if k != "machine"} for name, r in reports.items()}
     write_atomic(dest / CARD_FILE, lambda tmp: tmp.write_text(json.dumps(card, indent=1)))
-    var, vae, t = card["config"]["var"], card["config"]["vae"], card["training"]
+    arch = "mvar" if "mvar" in card["config"] else "var"
+    var, vae, t = card["config"][arch], card["config"]["vae"], card["training"]
+    kind = (f"M-VAR (intra-scale attention + Mamba-2, d_state {var['d_state']}, expand {var['expand']})"
+            if arch == "mvar" else "VAR")
     lines = [f"# {card['name']}", "", f"Data: {card['data']}. Classes: {', '.join(card['class_names'])}.", "",
-             f"VAR: depth {var['depth']}, width {64 * var['depth']}, {var['depth']} heads, token pyramid "
+             f"{kind}: depth {var['depth']}, width {64 * var['depth']}, {var['depth']} heads, token pyramid "
              f"{tuple(var['patch_nums'])} (680 tokens, the released 256px pyramid), vocabulary {var['vocab_size']}.",
              f"VQ-VAE: ch {vae['ch']}, ch_mult {tuple(vae['ch_mult'])}, z {vae['z_channels']} channels, "
              f"32x32 images -> 16x16 last scale.", "",
              f"Training: `{card['command']}`; VQ-VAE {t['vae']['steps']} steps in {t['vae']['train_time_s'] / 60:.0f} min, "
-             f"VAR {t['var']['steps']} steps in {t['var']['train_time_s'] / 60:.0f} min (2-core CPU).", "",
+             f"{'M-VAR' if arch == 'mvar' else 'VAR'} {t[arch]['steps']} steps in {t[arch]['train_time_s'] / 60:.0f} min "
+             "(2-core CPU).", "",
              f"Recommended sampling (the pipeline's defaults): {card['sampling']}.", "",
              "Quality against the 10k test images (metric: Fréchet distance / precision / recall on EfficientNet-Lite0 "
              "ImageNet features at 128 px, FD-EffLite0; not comparable with Inception FID):", "",
@@ -79,16 +89,19 @@ def write_card(dest: Path = DEFAULT_DIR, quality_dir: str | Path = "runs/quality
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
+    parser.add_argument("--arch", choices=("var", "mvar"), default="var", help="install runs/<arch> as default or "
+                        "default-mvar")
     parser.add_argument("--cfg", type=float)
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--card-only", metavar="QUALITY_DIR", help="only add the quality JSONs of this folder to the card")
     args = parser.parse_args(argv)
+    dest = ASSETS_DIR / ("default-mvar" if args.arch == "mvar" else "default")
     if args.card_only:
-        print(f"wrote {write_card(quality_dir=args.card_only)}")
+        print(f"wrote {write_card(dest, quality_dir=args.card_only)}")
         return
     sampling = {k: v for k, v in dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p).items() if v is not None}
-    print(f"default model installed in {ship(args.run_dir, sampling=sampling)}")
+    print(f"model installed in {ship(args.run_dir, dest, sampling=sampling, arch=args.arch)}")
 
 
 if __name__ == "__main__":

@@ -21,3 +21,34 @@ def test_mvar_trains_resumes_identically_and_loads(tmp_path, monkeypatch, traine
     pipe = litevar.load_pipeline(straight_dir / VAR_WEIGHTS, vae_file)
     assert isinstance(pipe.var, MVAR) and pipe.config.var == MVAR_CFG
     assert pipe.generate([0, 1], seed=0, progress=False).images.shape == (2, 3, 8, 8)
+
+
+def test_ship_installs_an_mvar_selectable_by_name(tmp_path, monkeypatch, trained_vae):  # noqa: F811
+    from litevar.models import default as shipped
+    from litevar.models.loading import CheckpointError
+    from litevar.train.ship import ship, write_card
+    from litevar.train.var import train_var
+
+    from .test_train import fast, stripes
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "vae").symlink_to(trained_vae, target_is_directory=True)
+    train_var(stripes(), trained_vae / "vae.safetensors", MVAR_CFG, fast(3), runs / "mvar",
+              progress=False)
+    with pytest.raises(CheckpointError, match="no finished training run"):
+        ship(runs, dest=tmp_path / "assets" / "default")  # there is no runs/var
+    monkeypatch.setattr(shipped, "ASSETS_DIR", tmp_path / "assets")
+    with pytest.raises(CheckpointError, match="default-mvar is missing.*make default-mvar"):
+        litevar.load_pipeline("default-mvar")
+    dest = ship(runs, dest=tmp_path / "assets" / "default-mvar", class_names=("h", "v"), arch="mvar")
+    card = shipped.default_model("default-mvar")[2]
+    assert card["name"] == "litevar-fashion-mnist-mvar-d1" and set(card["config"]) == {"mvar", "vae"}
+    assert card["training"]["mvar"]["steps"] == 3 and card["command"] == "make default-mvar"
+    pipe = litevar.load_pipeline("default-mvar")
+    assert isinstance(pipe.var, MVAR) and pipe.sampling["cfg"] == 1.5 and pipe.class_names == ["h", "v"]
+    with pytest.raises(CheckpointError, match="brings its own VQ-VAE"):
+        litevar.load_pipeline("default-mvar", trained_vae / "vae.safetensors")
+    quality = tmp_path / "quality"
+    quality.mkdir()
+    assert "M-VAR (intra-scale attention + Mamba-2" in write_card(dest, quality).read_text()
