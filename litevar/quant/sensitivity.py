@@ -24,7 +24,7 @@ import math
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +84,9 @@ def check_bits(bits, name: str) -> tuple[int, int | None]:
 
 
 def parse_types(text: str | None) -> tuple[str, ...]:
-    """``"fc2,mat_qkv"`` -> the types in model order; None -> every VAR layer type (M-VAR's ``in_proj`` and
-    ``out_proj`` when named)."""
+    """``"fc2,mat_qkv"`` -> the types in model order; None -> None (every layer type the model has)."""
     if text is None:
-        return VAR_LAYER_TYPES
+        return None
     types = [t.strip() for t in text.split(",") if t.strip()]
     return check_types(types)
 
@@ -256,7 +255,7 @@ class SensitivitySettings:
             so every type can be studied.
         base, low: (w_bits, a_bits): every base layer at ``base``; the studied type at ``low`` (a_bits None:
             weight-only). The base layers are the method's default ``layers`` plus the studied types.
-        types: layer types to study, each its own run.
+        types: layer types to study, each its own run (None: every type the model has, M-VAR's in_proj, out_proj too).
         per_class, samples: images per class (class-major), or (``samples``, which wins) that many images with the
             classes in turn: the job list of :class:`~litevar.jobs.JobList`.
         seed: image i uses seed ``seed + i`` (calibration keeps the method's own seeds).
@@ -275,7 +274,7 @@ class SensitivitySettings:
     method: str = "rtn"
     base: Sequence[int | None] = (8, 8)
     low: Sequence[int | None] = (8, 4)
-    types: Sequence[str] = VAR_LAYER_TYPES
+    types: Sequence[str] | None = None
     per_class: int | None = 5
     samples: int | None = None
     seed: int = 0
@@ -295,7 +294,8 @@ class SensitivitySettings:
                              f"{', '.join(known)}")
         object.__setattr__(self, "base", check_bits(self.base, "base"))
         object.__setattr__(self, "low", check_bits(self.low, "low"))
-        object.__setattr__(self, "types", check_types(self.types))
+        if self.types is not None:
+            object.__setattr__(self, "types", check_types(self.types))
         if self.samples is not None:
             object.__setattr__(self, "per_class", None)
         JobList([0], self.per_class, self.samples, self.seed)  # the job list's own checks
@@ -344,16 +344,18 @@ def layer_sensitivity(settings: SensitivitySettings | None = None, var_ckpt: str
     settings = settings or SensitivitySettings()
     if shape is not None and (var_ckpt is not None or vae_ckpt is not None):
         raise ValueError("give either `shape` (random weights of a released shape) or `var_ckpt`/`vae_ckpt`, not both")
-    record = _record(settings, var_ckpt, vae_ckpt, config, shape)
-    method, types, base, low = settings.method, settings.types, settings.base, settings.low
-    calib_samples, batch_size = settings.calib_samples, settings.batch_size
     out = Path(out) if out is not None else None
     if out is not None:
         check_writable(out)
     dense = build_pipeline(None, var_ckpt, vae_ckpt, config, shape, settings.device)
-    missing = [t for t in types if not linear_layers(dense.var, (t,))]
+    if settings.types is None:
+        settings = replace(settings, types=tuple(t for t in LAYER_TYPES if linear_layers(dense.var, (t,))))
+    missing = [t for t in settings.types if not linear_layers(dense.var, (t,))]
     if missing:
         raise ValueError(f"`types`: this model has no {', '.join(missing)} layers")
+    record = _record(settings, var_ckpt, vae_ckpt, config, shape)
+    method, types, base, low = settings.method, settings.types, settings.base, settings.low
+    calib_samples, batch_size = settings.calib_samples, settings.batch_size
     sampling = dense.resolve_sampling(cfg=settings.cfg, top_k=settings.top_k, top_p=settings.top_p, more_smooth=False)
     jobs = settings.jobs(dense.num_classes)
     labels, seeds = jobs.labels, jobs.seeds
@@ -462,8 +464,8 @@ def add_sensitivity_command(sub) -> None:
                    help="bits of every quantized layer (default 8 8; A may be none: weight-only)")
     s.add_argument("--low", nargs=2, default=["8", "4"], metavar=("W", "A"),
                    help="bits of the studied type (default 8 4: 4-bit activations, as in LiteVAR)")
-    s.add_argument("--types", help=f"comma-separated layer types to study (default: {','.join(VAR_LAYER_TYPES)}; "
-                                   "M-VAR also has in_proj,out_proj)")
+    s.add_argument("--types", help=f"comma-separated layer types to study (default: every type the model has: "
+                                   f"{','.join(VAR_LAYER_TYPES)}, and on an M-VAR in_proj,out_proj)")
     count = s.add_mutually_exclusive_group()
     count.add_argument("--per-class", type=int, help="images per class (default 5)")
     count.add_argument("--samples", type=int, help="images in all, the classes in turn (for models with many classes)")

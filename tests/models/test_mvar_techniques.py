@@ -77,3 +77,14 @@ def test_var_refuses_an_mvar_config():
 
     with torch.device("meta"), pytest.raises(TypeError, match="describes an M-VAR"):
         VAR(from_name("mvar-d16").var)
+
+
+def test_sensitivity_studies_the_mamba_projections_by_default(ref_dir):
+    from litevar.quant.sensitivity import SensitivitySettings, layer_sensitivity
+
+    report = layer_sensitivity(SensitivitySettings(samples=2, low=(8, 2)), var_ckpt=ref_dir / "mvar_tiny_var.pth",
+                               vae_ckpt=ref_dir / "tiny_vae.pth", config=ref_dir / "mvar_tiny_config.json",
+                               progress=False)
+    rows = {row["name"]: row for row in report["rows"]}
+    assert {"in_proj", "out_proj"} <= set(report["settings"]["types"]) and {"in_proj", "out_proj"} <= set(rows)
+    assert rows["in_proj"]["token_agreement"] < 1  # 2-bit activations of in_proj change the tokens
