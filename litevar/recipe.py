@@ -171,7 +171,6 @@ MVAR_REFUSED = {
     "mdwa": "its windows select keys of earlier scales",
     "kv-compress": "it evicts keys of earlier scales from the KV cache",
     "kv-cache": "it changes how the KV cache stores keys and values",
-    "asc": "its CFG sharing runs on the KV-cached attention path",
     "token-prune": "it leaves tokens out of the KV-cached late layers, and M-VAR's Mamba scan needs every token",
 }
 

@@ -77,7 +77,7 @@ class _SimilarityProbe:
 
     def __call__(self, attn, x_BLC, ctx):
         y = self.dense(attn, x_BLC, ctx)
-        if ctx.kv_caches is not None and ctx.cfg_batch is not None:
+        if ctx.scale_index is not None and ctx.cfg_batch is not None:  # sampling with CFG
             B = ctx.cfg_batch
             cos = F.cosine_similarity(y[:B].float(), y[B:].float(), dim=-1)
             self.sums[attn.block_idx, ctx.scale_index] += cos.double().sum().item()

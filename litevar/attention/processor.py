@@ -1,6 +1,7 @@
 """The one attention processor that executes a block's :class:`~litevar.attention.components.AttentionComponents`.
 
-Order of execution in each call (KV-cached sampling; a teacher-forced pass has no cache and no sharing):
+Order of execution in each call (sampling scale by scale: VAR's KV-cached attention, or M-VAR's attention within
+the scale, which has no cache; a teacher-forced pass has no cache and no sharing):
 
 1. CFG sharing decides the rows: with output sharing at this (layer, scale) only the conditional half is
    projected, cached and attended, and its output is copied to the unconditional half.
@@ -41,7 +42,7 @@ class ComposedAttnProcessor:
 
     def _sharing(self, layer: int, ctx: AttnContext) -> str | None:
         schedule = self.components.sharing
-        if schedule is None or ctx.kv_caches is None or ctx.cfg_batch is None:
+        if schedule is None or ctx.scale_index is None or ctx.cfg_batch is None:  # teacher-forced, or no CFG
             return None
         return schedule.mode if bool(schedule.shared[layer, ctx.scale_index]) else None
 
@@ -67,10 +68,8 @@ class ComposedAttnProcessor:
             probs_fn = parts.precision.quantize_probs
         if share == "map":
             q, k = q[:B], k[:B]
-        out = self.dispatcher.attend(layer, si if ctx.kv_caches is not None else None, q, k, v, attn.softmax_scale,
-                                     parts.selection, ctx.attn_bias, probs_fn)
-        return self._finish(attn, out, out_dtype, layer, si if ctx.kv_caches is not None else None,
-                            int(rows.shape[0]), share)
+        out = self.dispatcher.attend(layer, si, q, k, v, attn.softmax_scale, parts.selection, ctx.attn_bias, probs_fn)
+        return self._finish(attn, out, out_dtype, layer, si, int(rows.shape[0]), share)
 
     def _finish(self, attn, out: torch.Tensor, dtype: torch.dtype, layer: int, si, rows: int, share) -> torch.Tensor:
         self.trace[(layer, si)] = {"kernel": self.dispatcher.trace[(layer, si)], "rows": rows, "shared": share}

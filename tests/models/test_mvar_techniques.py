@@ -1,5 +1,6 @@
-"""Compression on M-VAR: quantization reaches Mamba-2's projections and folds into the right AdaLN chunks; steps that
-need attention across scales are refused with the conflict named."""
+"""Compression on M-VAR: quantization reaches Mamba-2's projections and folds into the right AdaLN chunks; ASC shares
+the intra-scale attention across the CFG halves; steps that need attention across scales are refused with the conflict
+named."""
 import pytest
 import torch
 
@@ -49,8 +50,8 @@ def test_input_scale_folds_into_the_adaln_chunk_of_its_branch(fresh_mvar_pipe, m
     torch.testing.assert_close(_logits(fresh_mvar_pipe, mvar_reference), exact, rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("step", [{"type": "kv-cache", "storage": "int8"}, {"type": "asc"},
-                                  {"type": "mdwa", "plan": "plan.json"}])
+@pytest.mark.parametrize("step", [{"type": "kv-cache", "storage": "int8"}, {"type": "mdwa", "plan": "plan.json"},
+                                  {"type": "kv-compress", "policy": "h2o", "ratio": 0.5}])
 def test_cross_scale_attention_steps_are_refused(fresh_mvar_pipe, step):
     with pytest.raises(RecipeError, match=f"step '{step['type']}' cannot run on an M-VAR") as err:
         apply_recipe(fresh_mvar_pipe, Recipe(steps=[step]))
@@ -88,3 +89,38 @@ def test_sensitivity_studies_the_mamba_projections_by_default(ref_dir):
     rows = {row["name"]: row for row in report["rows"]}
     assert {"in_proj", "out_proj"} <= set(report["settings"]["types"]) and {"in_proj", "out_proj"} <= set(rows)
     assert rows["in_proj"]["token_agreement"] < 1  # 2-bit activations of in_proj change the tokens
+
+
+@pytest.mark.parametrize("mode", ["output", "map"])
+def test_asc_shares_the_intra_scale_attention_and_leaves_the_conditional_rows_exact(fresh_mvar_pipe, mode):
+    """With guidance 0 the unconditional rows do not reach the tokens, and no row sees another (attention within the
+    scale per row, Mamba per row): ASC must give dense's tokens exactly while computing the shared attention once."""
+    labels, seeds = [0, 3], [0, 1]
+    dense = fresh_mvar_pipe.generate(labels, seed=seeds, cfg=0.0, progress=False)
+    dense_guided = fresh_mvar_pipe.generate(labels, seed=seeds, cfg=4.0, progress=False)
+    dense_logits = []
+    fresh_mvar_pipe.score_tokens(labels, dense_guided.tokens, lambda si, lg: dense_logits.append(lg), cfg=4.0)
+    apply_recipe(fresh_mvar_pipe, Recipe(steps=[{"type": "asc", "mode": mode}]))
+    shared = fresh_mvar_pipe.generate(labels, seed=seeds, cfg=0.0, progress=False)
+    assert torch.equal(torch.cat(shared.tokens, 1), torch.cat(dense.tokens, 1))
+    report = fresh_mvar_pipe.var.blocks[0].attn.processor.report()
+    depth, scales = fresh_mvar_pipe.config.var.depth, len(fresh_mvar_pipe.config.var.patch_nums)
+    assert report["calls"] == depth * scales and report[f"{mode}_shared_calls"] == depth * scales
+    logits = []
+    fresh_mvar_pipe.score_tokens(labels, dense_guided.tokens, lambda si, lg: logits.append(lg), cfg=4.0)
+    assert not torch.equal(logits[-1], dense_logits[-1])  # with guidance, the shared attention shows
+
+
+@pytest.mark.parametrize("order", [("asc", "rtn"), ("rtn", "asc")])
+def test_asc_and_w8a8_compose_in_either_order_on_mvar(ref_dir, order):
+    import litevar
+
+    runs = []
+    for steps in (order, order[::-1]):
+        pipe = litevar.load_pipeline(ref_dir / "mvar_tiny_var.pth", ref_dir / "tiny_vae.pth",
+                                     config=ref_dir / "mvar_tiny_config.json")
+        specs = {"asc": {"type": "asc"}, "rtn": {"type": "rtn", "w_bits": 8, "a_bits": 8}}
+        apply_recipe(pipe, Recipe(steps=[specs[s] for s in steps]))
+        assert isinstance(linear_layers(pipe.var)["blocks.0.mamba.in_proj"], QuantLinear)
+        runs.append(pipe.generate([1, 2], seed=0, progress=False))
+    assert torch.equal(runs[0].images, runs[1].images)
