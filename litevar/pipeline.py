@@ -259,7 +259,7 @@ class Pipeline:
         level_pos = var.level_pos()
         x_BLC = var.first_tokens(cond_BD, level_pos)
         if isinstance(var, MVAR):  # attention within each scale (no KV cache); Mamba state carried across scales
-            caches, ctx = [], var.sampling_context(2 * B, B)
+            caches, ctx = [], var.sampling_context(2 * B, B, self.attention.state)
         else:
             caches = self.attention.make_caches(2 * B, vcfg, self.dtype, self.device)
             ctx = AttnContext(kv_caches=caches, cfg_batch=B)

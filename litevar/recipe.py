@@ -176,8 +176,12 @@ MVAR_REFUSED = {
 
 
 def _check_architecture(pipe: Pipeline, recipe: Recipe) -> None:
-    """Refuse steps that need cross-scale attention on an M-VAR, naming the step and the conflict."""
+    """Refuse steps that need cross-scale attention on an M-VAR (and M-VAR's own steps on a VAR), naming the step and
+    the conflict."""
     if pipe.config.arch != "mvar":
+        if any(_step_type(step) == "mamba-state" for step in recipe.steps):
+            raise RecipeError(f"recipe {recipe.name!r}: step 'mamba-state' needs an M-VAR; this model is a VAR, which "
+                              "carries a KV cache instead (its storage: the kv-cache step)")
         return
     for step in recipe.steps:
         kind = _step_type(step)

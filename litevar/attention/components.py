@@ -11,6 +11,7 @@ component      what it decides                             set by
 ``kernel``     which kernel computes (default ``auto``)    ``mdwa`` ``backend``
 ``guidance``   per-scale CFG weights, uncond rows dropped  ``guidance``
 ``tokens``     which tokens the late layers compute        ``token-prune``
+``state``      how M-VAR's Mamba state is kept (scales)    ``mamba-state``
 =============  ==========================================  ===================
 
 Each component is set once, by one step; setting it again (two steps claiming it) is refused with a
@@ -27,8 +28,9 @@ import torch
 from .kv_cache import Int8KVCache, KVCache
 from .windows import WindowPlan
 
-COMPONENTS = ("selection", "sharing", "precision", "kv", "kv_policy", "kernel", "guidance", "tokens")
+COMPONENTS = ("selection", "sharing", "precision", "kv", "kv_policy", "kernel", "guidance", "tokens", "state")
 KV_STORAGES = {"model": KVCache, "int8": Int8KVCache}
+STATE_STORAGES = ("model", "int8")  # M-VAR's Mamba state between scales (litevar.models.mamba2.Int8MambaState)
 
 
 class ComponentConflict(ValueError):
@@ -100,6 +102,7 @@ class AttentionComponents:
             both CFG halves at every scale.
         tokens: a :class:`~litevar.attention.token_prune.TokenPrunePlan` (which layers compute only some tokens
             of which scales), or None for every token everywhere.
+        state: how an M-VAR keeps its Mamba state between scales: "model" (float32) or "int8".
 
     Example:
         >>> parts = AttentionComponents()
@@ -116,6 +119,7 @@ class AttentionComponents:
     kernel: str = "auto"
     guidance: Any = None
     tokens: Any = None
+    state: str = "model"
     owners: dict[str, str] = field(default_factory=dict)
 
     def set(self, component: str, value: Any, by: str) -> None:
@@ -175,7 +179,7 @@ class AttentionComponents:
         return {"selection": None if self.selection is None else round(self.selection.plan.kept_fraction(), 6),
                 "sharing": None if self.sharing is None else self.sharing.mode,
                 "precision": None if self.precision is None else getattr(self.precision, "bits", True),
-                "kv_storage": self.kv.storage, "kernel": self.kernel, "set_by": dict(self.owners),
+                "kv_storage": self.kv.storage, "state_storage": self.state, "kernel": self.kernel, "set_by": dict(self.owners),
                 "guidance": None if self.guidance is None else self.guidance.describe(),
                 "tokens": None if self.tokens is None else self.tokens.describe(),
                 "kv_policy": None if self.kv_policy is None else self.kv_policy.describe()}

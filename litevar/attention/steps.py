@@ -1,4 +1,5 @@
-"""Recipe steps that configure attention: ``mdwa`` (key selection), ``asc`` (CFG sharing), ``kv-cache`` (storage).
+"""Recipe steps that configure attention: ``mdwa`` (key selection), ``asc`` (CFG sharing), ``kv-cache`` (storage),
+and ``mamba-state`` (M-VAR's carried state, stored like a cache).
 
 Each sets one component of ``pipe.attention`` (:mod:`litevar.attention.components`), whatever the other steps
 did before or do after; the quantization steps set the attention precision (``attn_bits``).
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 
 from ..registry import register_step
 from .cfg_shared import MODES, SharingSchedule, measure_cfg_similarity
-from .components import KV_STORAGES, KVCacheSpec, WindowSelection
+from .components import KV_STORAGES, STATE_STORAGES, KVCacheSpec, WindowSelection
 from .dispatch import KERNELS
 from .windows import PlanError
 
@@ -76,6 +77,22 @@ class KVCacheConfig:
             raise ValueError(f"storage must be one of {sorted(KV_STORAGES)}, got {self.storage!r}")
 
 
+@dataclass
+class MambaStateConfig:
+    """How an M-VAR keeps each block's Mamba SSM state between scales.
+
+    Args:
+        storage: "int8" (symmetric int8, one scale per (row, head, headdim index): about a quarter of the float32
+            bytes) or "model" (float32).
+    """
+
+    storage: str = "int8"
+
+    def __post_init__(self) -> None:
+        if self.storage not in STATE_STORAGES:
+            raise ValueError(f"storage must be one of {STATE_STORAGES}, got {self.storage!r}")
+
+
 def _apply_mdwa(pipe, config: MDWAConfig) -> None:
     from .calibrate import load_plan
 
@@ -109,3 +126,6 @@ def _apply_kv_cache(pipe, config: KVCacheConfig) -> None:
 register_step("mdwa", MDWAConfig, _apply_mdwa, phase="attention")
 register_step("asc", ASCConfig, _apply_asc, phase="attention")
 register_step("kv-cache", KVCacheConfig, _apply_kv_cache, phase="attention")
+register_step("mamba-state", MambaStateConfig, lambda pipe, config: pipe.set_attention("state", config.storage,
+                                                                                       by="mamba-state"),
+              phase="attention")

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..attention.components import STATE_STORAGES
+
 
 @dataclass
 class MambaState:
@@ -29,6 +31,30 @@ class MambaState:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.conv_BKD, self.ssm_BHPN))
+
+
+class Int8MambaState:
+    """A :class:`MambaState` whose SSM state is kept between calls as int8 with one float32 scale per
+    (row, head, headdim index), symmetric over ``d_state``: about a quarter of the float32 bytes. Reading
+    ``ssm_BHPN`` dequantizes, assigning it quantizes; the conv rows stay in the model's dtype (a few % of the bytes).
+    """
+
+    def __init__(self, conv_BKD: torch.Tensor, ssm_BHPN: torch.Tensor) -> None:
+        self.conv_BKD = conv_BKD
+        self.ssm_BHPN = ssm_BHPN
+
+    @property
+    def ssm_BHPN(self) -> torch.Tensor:
+        return self._codes.to(self._scales.dtype) * self._scales
+
+    @ssm_BHPN.setter
+    def ssm_BHPN(self, value: torch.Tensor) -> None:
+        scales = value.abs().amax(-1, keepdim=True).div_(127).clamp_min_(torch.finfo(value.dtype).tiny)
+        self._codes = (value / scales).round_().clamp_(-127, 127).to(torch.int8)
+        self._scales = scales
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.conv_BKD, self._codes, self._scales))
 
 
 def _chunk_step(x_BlHP, a_BlH, dt_BlH, B_BlN, C_BlN, state_BHPN):
@@ -144,11 +170,15 @@ class Mamba2(nn.Module):
         self.norm = GatedRMSNorm(self.d_inner, norm_eps)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
 
-    def empty_state(self, rows: int, dtype: torch.dtype, device: torch.device | str) -> MambaState:
-        """The state before the first token (zeros) for ``rows`` rows."""
+    def empty_state(self, rows: int, dtype: torch.dtype, device: torch.device | str,
+                    storage: str = "model") -> MambaState | Int8MambaState:
+        """The state before the first token (zeros) for ``rows`` rows; ``storage`` "int8" keeps the SSM state
+        in int8 between calls (:class:`Int8MambaState`)."""
+        if storage not in STATE_STORAGES:
+            raise ValueError(f"Mamba state storage must be one of {STATE_STORAGES}, got {storage!r}")
         conv = torch.zeros(rows, self.d_conv - 1, self.conv_dim, dtype=dtype, device=device)
         ssm = torch.zeros(rows, self.nheads, self.headdim, self.d_state, dtype=_at_least_fp32(dtype), device=device)
-        return MambaState(conv, ssm)
+        return Int8MambaState(conv, ssm) if storage == "int8" else MambaState(conv, ssm)
 
     def _causal_conv(self, padded_BLK: torch.Tensor) -> torch.Tensor:
         """``conv1d`` (depthwise, valid) as ``d_conv`` shifted multiply-adds in [B, L, K] layout: faster than a

@@ -29,7 +29,7 @@ class MVARContext(AttnContext):
     """:class:`AttnContext` plus each block's Mamba carry for sampling one scale after another.
 
     Args:
-        mamba_states: one :class:`MambaState` per block (stateful sampling), or None.
+        mamba_states: one :class:`MambaState` (or :class:`Int8MambaState`) per block (stateful sampling), or None.
         histories: with ``rescan``, each block's post-attention residual stream of every scale so far.
         rescan: recompute Mamba over the whole prefix at every scale (upstream's sampler).
     """
@@ -127,12 +127,16 @@ class MVAR(VAR):
         """Block-diagonal: each token attends to the tokens of its own scale only."""
         return torch.where(level_L.view(-1, 1) == level_L.view(1, -1), 0.0, -torch.inf)
 
-    def sampling_context(self, rows: int, cfg_batch: int | None = None) -> MVARContext:
-        """A fresh context for sampling ``rows`` rows scale by scale (zero Mamba states, or empty histories)."""
+    def sampling_context(self, rows: int, cfg_batch: int | None = None, state_storage: str = "model") -> MVARContext:
+        """A fresh context for sampling ``rows`` rows scale by scale (zero Mamba states stored as ``state_storage``,
+        or empty histories)."""
         if self.rescan:
+            if state_storage != "model":
+                raise ValueError(f"the rescan sampler carries no Mamba state to store as {state_storage}; "
+                                 "sample with rescan = False")
             return MVARContext(cfg_batch=cfg_batch, histories=[None] * len(self.blocks), rescan=True)
         dtype, device = self.dtype, self.class_emb.weight.device
-        states = [block.mamba.empty_state(rows, dtype, device) for block in self.blocks]
+        states = [block.mamba.empty_state(rows, dtype, device, state_storage) for block in self.blocks]
         return MVARContext(cfg_batch=cfg_batch, mamba_states=states)
 
 

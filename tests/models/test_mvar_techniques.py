@@ -124,3 +124,43 @@ def test_asc_and_w8a8_compose_in_either_order_on_mvar(ref_dir, order):
         assert isinstance(linear_layers(pipe.var)["blocks.0.mamba.in_proj"], QuantLinear)
         runs.append(pipe.generate([1, 2], seed=0, progress=False))
     assert torch.equal(runs[0].images, runs[1].images)
+
+
+def test_int8_mamba_state_quarters_the_state_with_bounded_logit_error(ref_dir, fresh_mvar_pipe):
+    import litevar
+
+    labels = [0, 3]
+    dense = fresh_mvar_pipe.generate(labels, seed=[0, 1], progress=False, timings=True)
+    dense_logits = []
+    fresh_mvar_pipe.score_tokens(labels, dense.tokens, lambda si, lg: dense_logits.append(lg))
+    apply_recipe(fresh_mvar_pipe, Recipe(steps=[{"type": "mamba-state", "storage": "int8"}]))
+    int8 = fresh_mvar_pipe.generate(labels, seed=[0, 1], progress=False, timings=True)
+    assert int8.timings["mamba_state_bytes"] < 0.35 * dense.timings["mamba_state_bytes"]
+    logits = []
+    fresh_mvar_pipe.score_tokens(labels, dense.tokens, lambda si, lg: logits.append(lg))
+    sqnr = _sqnr_db(torch.cat([lg.flatten() for lg in logits]), torch.cat([lg.flatten() for lg in dense_logits]))
+    assert 25 < sqnr < 100  # changed by int8 rounding, and only slightly
+    torch.testing.assert_close(logits[0], dense_logits[0], rtol=0, atol=0)  # the first scale reads a zero state
+
+    var = litevar.load_pipeline(ref_dir / "tiny_var.pth", ref_dir / "tiny_vae.pth", config=ref_dir / "tiny_config.json")
+    with pytest.raises(RecipeError, match="'mamba-state' needs an M-VAR; this model is a VAR"):
+        apply_recipe(var, Recipe(steps=[{"type": "mamba-state"}]))
+    with pytest.raises(RecipeError, match="storage must be one of"):
+        apply_recipe(fresh_mvar_pipe, Recipe(steps=[{"type": "mamba-state", "storage": "int4"}]))
+
+
+def test_int8_state_composes_with_asc_and_w8a8_in_any_order(ref_dir):
+    import itertools
+
+    import litevar
+
+    specs = {"state": {"type": "mamba-state"}, "asc": {"type": "asc"}, "rtn": {"type": "rtn", "w_bits": 8, "a_bits": 8}}
+    images = []
+    for order in itertools.permutations(specs):
+        pipe = litevar.load_pipeline(ref_dir / "mvar_tiny_var.pth", ref_dir / "tiny_vae.pth",
+                                     config=ref_dir / "mvar_tiny_config.json")
+        apply_recipe(pipe, Recipe(steps=[specs[name] for name in order]))
+        out = pipe.generate([1, 2], seed=0, progress=False, timings=True)
+        assert pipe.attention.state == "int8" and pipe.attention.sharing is not None
+        images.append(out.images)
+    assert all(torch.equal(images[0], other) for other in images[1:])
