@@ -51,12 +51,12 @@ def test_sampling_matches_upstream(fresh_mvar_pipe, mvar_reference, case_index, 
                                    on_logits=lambda si, logits: seen.append(logits.clone()))
     for si, (ours, theirs) in enumerate(zip(out.tokens, case["idx_Bl"], strict=True)):
         assert torch.equal(ours, theirs), f"scale {si} tokens differ"
-    for ours, theirs in zip(seen, case["logits_BlV"], strict=True):
-        assert (ours - theirs).abs().max() <= 1e-4
     # With more_smooth the next inputs are Gumbel-softmax features at a temperature down to 0.0135: they amplify
-    # float32 rounding differences of the scan order (logits 5e-6 -> 8e-5 over 5 scales); images 6.0e-4 measured.
-    bound = 2e-3 if a["more_smooth"] else 1e-4
-    assert (out.images - case["img"]).abs().max() <= bound
+    # float32 rounding differences of the conv and scan order (logits 5e-6 -> 1.4e-4 over 5 scales, images 2e-4 measured at 1 thread).
+    logit_bound, image_bound = (2e-4, 2e-3) if a["more_smooth"] else (1e-4, 1e-4)
+    for ours, theirs in zip(seen, case["logits_BlV"], strict=True):
+        assert (ours - theirs).abs().max() <= logit_bound
+    assert (out.images - case["img"]).abs().max() <= image_bound
 
 
 def test_stateful_and_rescan_samplers_give_identical_tokens(fresh_mvar_pipe):
