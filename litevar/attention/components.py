@@ -179,7 +179,8 @@ class AttentionComponents:
         return {"selection": None if self.selection is None else round(self.selection.plan.kept_fraction(), 6),
                 "sharing": None if self.sharing is None else self.sharing.mode,
                 "precision": None if self.precision is None else getattr(self.precision, "bits", True),
-                "kv_storage": self.kv.storage, "state_storage": self.state, "kernel": self.kernel, "set_by": dict(self.owners),
+                "kv_storage": self.kv.storage, "state_storage": self.state, "kernel": self.kernel,
+                "set_by": dict(self.owners),
                 "guidance": None if self.guidance is None else self.guidance.describe(),
                 "tokens": None if self.tokens is None else self.tokens.describe(),
                 "kv_policy": None if self.kv_policy is None else self.kv_policy.describe()}

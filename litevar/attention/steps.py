@@ -123,9 +123,11 @@ def _apply_kv_cache(pipe, config: KVCacheConfig) -> None:
     pipe.set_attention("kv", KVCacheSpec(config.storage), by="kv-cache")
 
 
+def _apply_mamba_state(pipe, config: MambaStateConfig) -> None:
+    pipe.set_attention("state", config.storage, by="mamba-state")
+
+
 register_step("mdwa", MDWAConfig, _apply_mdwa, phase="attention")
 register_step("asc", ASCConfig, _apply_asc, phase="attention")
 register_step("kv-cache", KVCacheConfig, _apply_kv_cache, phase="attention")
-register_step("mamba-state", MambaStateConfig, lambda pipe, config: pipe.set_attention("state", config.storage,
-                                                                                       by="mamba-state"),
-              phase="attention")
+register_step("mamba-state", MambaStateConfig, _apply_mamba_state, phase="attention")

@@ -26,12 +26,10 @@ def is_shipped(var_ckpt: str | Path | None) -> bool:
 def default_model(folder: str | Path = "default") -> tuple[Path, Path, dict]:
     """(VAR file, VQ-VAE file, model card dict with ``config``, ``sampling``, ``metrics``, ``training``) of a shipped
     model name (``"default"``, ``"default-mvar"``) or of a folder laid out like ``assets/default``."""
-    if str(folder) in SHIPPED:
-        name, folder = str(folder), ASSETS_DIR / str(folder)
-    elif Path(folder).is_dir():
-        name, folder = str(folder), Path(folder)
-    else:
-        raise CheckpointError(f"{folder!r} is neither a shipped model ({', '.join(SHIPPED)}) nor a model folder")
+    name = str(folder)
+    folder = ASSETS_DIR / name if name in SHIPPED else Path(folder)
+    if name not in SHIPPED and not folder.is_dir():
+        raise CheckpointError(f"{name!r} is neither a shipped model ({', '.join(SHIPPED)}) nor a model folder")
     files = [folder / VAR_FILE, folder / VAE_FILE, folder / CARD_FILE]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:

@@ -18,13 +18,15 @@ from .loop import DONE_FILE
 from .vae import VAE_WEIGHTS
 from .var import VAR_WEIGHTS
 
+SHIPPED_AS = {"var": "default", "mvar": "default-mvar"}  # train-var --arch -> the shipped model's name
+
 
 def ship(run_dir: str | Path, dest: Path = DEFAULT_DIR, sampling: dict | None = None,
          class_names: tuple[str, ...] = FASHION_MNIST_CLASSES, arch: str = "var") -> Path:
     """Copy ``run_dir/vae/vae.safetensors`` and ``run_dir/<arch>/var.safetensors`` (``arch``: ``var`` or ``mvar``,
     the ``train-var --arch`` folders) to ``dest`` with a model card."""
-    if arch not in ("var", "mvar"):
-        raise ValueError(f"arch must be 'var' or 'mvar', got {arch!r}")
+    if arch not in SHIPPED_AS:
+        raise ValueError(f"arch must be one of {tuple(SHIPPED_AS)}, got {arch!r}")
     run_dir = Path(run_dir)
     sources = {VAE_FILE: run_dir / "vae" / VAE_WEIGHTS, VAR_FILE: run_dir / arch / VAR_WEIGHTS}
     for src in sources.values():
@@ -39,7 +41,7 @@ def ship(run_dir: str | Path, dest: Path = DEFAULT_DIR, sampling: dict | None = 
             "config": {arch: var_meta[arch], "vae": vae_meta["vae"]},
             "sampling": {"cfg": 1.5, "top_k": 0, "top_p": 0.0, "more_smooth": False, **(sampling or {})},
             "class_names": list(class_names), "training": training,
-            "command": SHIPPED["default-mvar" if arch == "mvar" else "default"]}
+            "command": SHIPPED[SHIPPED_AS[arch]]}
     dest.mkdir(parents=True, exist_ok=True)
     for name, src in sources.items():
         write_atomic(dest / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
@@ -65,16 +67,16 @@ def write_card(dest: Path = DEFAULT_DIR, quality_dir: str | Path = "runs/quality
     write_atomic(dest / CARD_FILE, lambda tmp: tmp.write_text(json.dumps(card, indent=1)))
     arch = "mvar" if "mvar" in card["config"] else "var"
     var, vae, t = card["config"][arch], card["config"]["vae"], card["training"]
-    kind = (f"M-VAR (intra-scale attention + Mamba-2, d_state {var['d_state']}, expand {var['expand']})"
-            if arch == "mvar" else "VAR")
+    label = "M-VAR" if arch == "mvar" else "VAR"
+    kind = label + (f" (intra-scale attention + Mamba-2, d_state {var['d_state']}, expand {var['expand']})"
+                    if arch == "mvar" else "")
     lines = [f"# {card['name']}", "", f"Data: {card['data']}. Classes: {', '.join(card['class_names'])}.", "",
              f"{kind}: depth {var['depth']}, width {64 * var['depth']}, {var['depth']} heads, token pyramid "
              f"{tuple(var['patch_nums'])} (680 tokens, the released 256px pyramid), vocabulary {var['vocab_size']}.",
              f"VQ-VAE: ch {vae['ch']}, ch_mult {tuple(vae['ch_mult'])}, z {vae['z_channels']} channels, "
              f"32x32 images -> 16x16 last scale.", "",
              f"Training: `{card['command']}`; VQ-VAE {t['vae']['steps']} steps in {t['vae']['train_time_s'] / 60:.0f} min, "
-             f"{'M-VAR' if arch == 'mvar' else 'VAR'} {t[arch]['steps']} steps in {t[arch]['train_time_s'] / 60:.0f} min "
-             "(2-core CPU).", "",
+             f"{label} {t[arch]['steps']} steps in {t[arch]['train_time_s'] / 60:.0f} min (2-core CPU).", "",
              f"Recommended sampling (the pipeline's defaults): {card['sampling']}.", "",
              "Quality against the 10k test images (metric: Fréchet distance / precision / recall on EfficientNet-Lite0 "
              "ImageNet features at 128 px, FD-EffLite0; not comparable with Inception FID):", "",
@@ -89,14 +91,14 @@ def write_card(dest: Path = DEFAULT_DIR, quality_dir: str | Path = "runs/quality
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
-    parser.add_argument("--arch", choices=("var", "mvar"), default="var", help="install runs/<arch> as default or "
-                        "default-mvar")
+    parser.add_argument("--arch", choices=tuple(SHIPPED_AS), default="var",
+                        help="install runs/<arch> as the shipped model default (var) or default-mvar (mvar)")
     parser.add_argument("--cfg", type=float)
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--card-only", metavar="QUALITY_DIR", help="only add the quality JSONs of this folder to the card")
     args = parser.parse_args(argv)
-    dest = ASSETS_DIR / ("default-mvar" if args.arch == "mvar" else "default")
+    dest = ASSETS_DIR / SHIPPED_AS[args.arch]
     if args.card_only:
         print(f"wrote {write_card(dest, quality_dir=args.card_only)}")
         return
