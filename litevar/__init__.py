@@ -10,6 +10,7 @@ from .recipe import Recipe, RecipeError, build_pipeline, load_recipe
 from .attention import guidance as _guidance, steps as _attention_steps, token_prune as _token_prune  # noqa: F401
 from .kvcompress import steps as _kv_steps  # noqa: F401
 from .quant import decoder as _decoder_int8, methods as _quant_methods  # noqa: F401
+from . import draft_refine as _draft_refine  # noqa: F401
 
 __all__ = ["PRESETS", "CheckpointError", "ConfigError", "GenerationOutput", "JobList", "Pipeline", "PipelineConfig",
            "Recipe", "RecipeError", "VARConfig", "VQVAEConfig", "build_pipeline", "from_name", "load_config",

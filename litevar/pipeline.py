@@ -271,8 +271,14 @@ class Pipeline:
         uncond_until = n_scales if guidance is None else guidance.uncond_until
         pruning = self.attention.tokens
         prune_state = PruneState()
+        refiner = self.attention.refiner
+        feats = [None]  # each scale's VQ-VAE input features, for a refiner to read the drafted scales
         for si, pn in enumerate(tqdm(vcfg.patch_nums, desc="scales", disable=not progress, leave=False)):
             ratio = si / max(n_scales - 1, 1)
+            if refiner is not None and si == refiner.from_scale:  # the refiner generates the rest (draft-refine)
+                clock.totals["drafter_kv_cache_bytes"] = sum(c.nbytes() for c in caches)
+                var, pruning = refiner.var, None
+                caches, ctx, block_mods, head_mod, level_pos, x_BLC = refiner.take_over(labels_B, feats, uncond_until)
             ctx.scale_index = si
             if si == uncond_until:  # from here on the unconditional rows are not computed (guidance schedule)
                 x_BLC, block_mods, head_mod = x_BLC[:B], [m[:B] for m in block_mods], head_mod[:B]
@@ -297,6 +303,8 @@ class Pipeline:
             h_BlC = smooth_BlC if more_smooth else quant.embedding(idx_Bl)
             feats_BlC = quant.add_scale(si, f_hat, h_BlC.transpose(1, 2).reshape(B, vcfg.z_channels, pn, pn))
             if feats_BlC is not None:
+                if refiner is not None and si < refiner.from_scale:
+                    feats.append(feats_BlC)
                 x_BLC = var.next_tokens(si + 1, feats_BlC, level_pos)
                 x_BLC = x_BLC.repeat(2, 1, 1) if si + 1 < uncond_until else x_BLC
             clock.lap("sampling")

@@ -170,6 +170,7 @@ def execution_order(recipe: Recipe) -> list[Any]:
 MVAR_REFUSED = {
     "mdwa": "its windows select keys of earlier scales",
     "kv-compress": "it evicts keys of earlier scales from the KV cache",
+    "draft-refine": "its refiner continues from KV-cached drafted scales, which an M-VAR drafter does not leave",
     "kv-cache": "it changes how the KV cache stores keys and values",
     "token-prune": "it leaves tokens out of the KV-cached late layers, and M-VAR's Mamba scan needs every token",
 }

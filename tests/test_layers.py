@@ -16,7 +16,7 @@ LAYERS = [
     {"attention"},  # processors, kernels, the KV cache and the attention context the models run
     {"models"},
     {"pipeline"},
-    {"recipe"},
+    {"recipe", "draft_refine"},  # draft_refine: a step that loads a second pipeline
     {"eval", "train", "samples"},
     {"quant", "kvcompress"},  # compression techniques; quant's sensitivity study measures with eval's metrics
     {"cli"},
