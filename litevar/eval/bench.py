@@ -204,11 +204,11 @@ def measure_variant(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _run_isolated(role: str, spec: dict[str, Any]) -> dict[str, Any]:
-    """``measure_variant`` in a fresh spawned process: its peak RSS is its own."""
+def run_isolated(role: str, spec: dict[str, Any], measure=measure_variant) -> dict[str, Any]:
+    """``measure(spec)`` (a module-level function) in a fresh spawned process: its peak RSS is its own."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
-            return pool.submit(measure_variant, spec).result()
+            return pool.submit(measure, spec).result()
         except BrokenProcessPool:
             raise UsageError(f"the {role} benchmark process died (killed, probably out of memory); "
                              "try a smaller --batch") from None
@@ -296,7 +296,7 @@ def run_bench(recipe: str | Recipe = "bf16", baseline: str | Recipe = "fp32", va
     base = {"var_ckpt": None if var_ckpt is None else str(var_ckpt), "vae_ckpt": None if vae_ckpt is None else str(vae_ckpt),
             "config": None if config is None else str(config), "shape": shape, "device": device, "threads": threads,
             "batch": batch, "repeats": repeats, "warmup": warmup, "seed": seed, "sampling": dict(sampling or {})}
-    run = _run_isolated if isolate else (lambda role, spec: measure_variant(spec))
+    run = run_isolated if isolate else (lambda role, spec: measure_variant(spec))
     results = {"dense": run("dense", {**base, "recipe": dense}), "candidate": run("candidate", {**base, "recipe": candidate})}
     return {
         "litevar_bench": BENCH_VERSION,

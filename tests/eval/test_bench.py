@@ -86,7 +86,7 @@ def test_default_output_name():
 
 
 def test_cli_writes_json_png_and_table(ref_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "_run_isolated", lambda role, spec: bench.measure_variant(spec))
+    monkeypatch.setattr(bench, "run_isolated", lambda role, spec: bench.measure_variant(spec))
     out = tmp_path / "bench_tiny.json"
     code = main(["bench", "--var-ckpt", str(ref_dir / "tiny_var.pth"), "--vae-ckpt", str(ref_dir / "tiny_vae.pth"),
                  "--config", str(ref_dir / "tiny_config.json"), "--recipe", "bf16", "--batch", "1", "--repeats", "1",
@@ -102,7 +102,7 @@ def test_cli_writes_json_png_and_table(ref_dir, tmp_path, capsys, monkeypatch):
 def test_variant_runs_in_its_own_spawned_process(ref_dir):
     spec = {**{k: str(v) for k, v in tiny_args(ref_dir).items()}, "shape": None, "device": "cpu", "threads": 1,
             "batch": 1, "repeats": 1, "warmup": 0, "seed": 0, "sampling": {}, "recipe": Recipe(dtype="fp32")}
-    result = bench._run_isolated("dense", spec)
+    result = bench.run_isolated("dense", spec)
     assert result["pid"] != os.getpid()
     assert 0 < result["rss_before_load_mb"] <= result["peak_rss_mb"] == result["peak_memory_mb"]
 
