@@ -17,7 +17,7 @@ from .attention.commands import add_attention_commands
 from .kvcompress.commands import add_kv_commands
 from .quant.commands import add_quant_commands
 from .eval.bench import add_bench_command
-from .eval.commands import add_eval_commands
+from .eval.commands import add_eval_commands, add_tune_command
 from .samples import RunOptions, add_sample_command, generate_images
 from .train.commands import add_train_commands
 from .train.loop import TrainingError
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_commands(sub)
     add_eval_commands(sub)
     add_bench_command(sub)
+    add_tune_command(sub)
     add_sample_command(sub)
     add_attention_commands(sub)
     add_kv_commands(sub)

@@ -127,6 +127,65 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"wrote {json_path} and {md_path}")
 
 
+def _share(text: str) -> float:
+    """'2%' or '0.02' -> 0.02."""
+    return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    from ..cli_args import UsageError, parse_classes, positive
+    from .tune import TuneSettings, tune
+
+    if args.threads:
+        torch.set_num_threads(positive("--threads", args.threads))
+    if not Path(args.space).is_file():
+        raise UsageError(f"--space {args.space}: no such file (a search space: see docs/techniques.md, litevar tune)")
+    default_model = is_shipped(args.var_ckpt) and args.vae_ckpt is None
+    data = (("fashion-mnist" if default_model else None) if args.data == "auto" else
+            None if args.data == "none" else args.data)
+    try:
+        settings = TuneSettings(var_ckpt=args.var_ckpt, vae_ckpt=args.vae_ckpt, config=args.config, shape=args.shape,
+                                speed=args.speed, batch=args.batch, repeats=args.repeats,
+                                proxy_per_class=args.proxy_per_class, per_class=args.per_class,
+                                classes=tuple(parse_classes(args.classes)) if args.classes else None, data=data,
+                                finalists=args.finalists, min_agreement=args.min_agreement,
+                                max_fd_increase=_share(args.max_fd_increase), max_cc_drop=args.max_cc_drop)
+    except ValueError as err:
+        raise UsageError(f"litevar tune: {err}") from None
+    report = tune(args.space, settings, args.out)
+    for c in report["candidates"]:
+        speed = c.get("speed", {}).get("speedup")
+        agree = c.get("proxy", {}).get("fidelity", {}).get("token_agreement")
+        state = c.get("refused") or (f"speed-up {speed:.3f}x, agreement {agree:.4f}" +
+                                     (" (Pareto)" if c["name"] in report["pareto"] else ""))
+        print(f"{c['name']}: {state}")
+    print(f"chosen: {report['chosen']['name']} (budget: {report['budget']})")
+    print(f"wrote {Path(args.out) / 'tune.json'}, pareto.png and chosen_recipe.json")
+
+
+def add_tune_command(sub) -> None:
+    from ..cli_args import add_model_args
+
+    t = sub.add_parser("tune", help="search compositions of recipe steps for the fastest within a quality budget")
+    t.add_argument("--space", required=True, help="search space JSON: slots of alternative steps (null = off)")
+    add_model_args(t, random_shapes=True)
+    t.add_argument("--speed", choices=("flops", "time"), default="flops",
+                   help="speed proxy: FLOPs per image (deterministic) or measured throughput (litevar bench)")
+    t.add_argument("--batch", type=int, default=8, help="--speed time: images per batch")
+    t.add_argument("--repeats", type=int, default=3, help="--speed time: timed runs per variant")
+    t.add_argument("--proxy-per-class", type=int, default=2, help="images per class of the proxy evaluation")
+    t.add_argument("--per-class", type=int, default=50, help="images per class of the finalists' evaluation")
+    t.add_argument("--classes", help="comma-separated class ids (default: every class)")
+    t.add_argument("--data", default="auto", help="dataset of the finalists' quality (as in litevar eval)")
+    t.add_argument("--finalists", type=int, default=3, help="fastest proxy-passing candidates evaluated in full")
+    t.add_argument("--min-agreement", type=float, default=0.0, help="least proxy token agreement with dense")
+    t.add_argument("--max-fd-increase", default="2%", help="most FD-EffLite0 increase over dense, e.g. 2%% or 0.02")
+    t.add_argument("--max-cc-drop", type=float, default=1.0, help="most class-consistency drop, in points")
+    t.add_argument("--threads", type=int)
+    t.add_argument("--out", default="runs/tune", help="folder; rerun the same command to resume")
+    t.set_defaults(func=cmd_tune)
+
+
 def add_eval_commands(sub) -> None:
     from ..cli_args import SEED_HELP, add_model_args, add_recipe_arg, add_sampling_args
 
