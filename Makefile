@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install test test-fast bench bench-default eval-default attention-default quant-default kv-default kv-shapes clean data default-model default-mvar demo quality
+.PHONY: install test test-fast bench bench-default eval-default attention-default quant-default kv-default kv-shapes clean data default-model default-mvar default-d2 demo quality
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -102,9 +102,14 @@ default-model: $(BIN)/.installed data
 # resumable), then its quality in runs/quality-mvar and on its card.
 default-mvar: $(BIN)/.installed data
 	$(BIN)/litevar train-var --arch mvar --fp32 --vae runs/default/vae/vae.safetensors --out runs/default/mvar --threads 2
-	$(BIN)/python -m litevar.train.ship runs/default --arch mvar
+	$(BIN)/python -m litevar.train.ship runs/default --model mvar
 	$(BIN)/litevar quality generated --var-ckpt default-mvar --cfg 1.5 --out runs/quality-mvar
-	$(BIN)/python -m litevar.train.ship runs/default --arch mvar --card-only runs/quality-mvar
+	$(BIN)/python -m litevar.train.ship runs/default --model mvar --card-only runs/quality-mvar
+
+# The shipped depth-2 VAR on the same VQ-VAE (draft-refine's refiner for the default model): same recipe and steps.
+default-d2: $(BIN)/.installed data
+	$(BIN)/litevar train-var --depth 2 --fp32 --vae runs/default/vae/vae.safetensors --out runs/default/var-d2 --threads 2
+	$(BIN)/python -m litevar.train.ship runs/default --model var-d2
 
 # 10 classes x 8 samples of the shipped default model: per-image PNGs and a labelled grid.
 demo: $(BIN)/.installed

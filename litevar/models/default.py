@@ -1,6 +1,7 @@
 """The shipped models: small class-conditional transformers + one VQ-VAE trained on Fashion-MNIST by litevar.
 
-``default`` is a VAR, ``default-mvar`` an M-VAR of the same depth, recipe and budget on the same VQ-VAE; each lives
+``default`` is a VAR, ``default-mvar`` an M-VAR of the same depth, recipe and budget on the same VQ-VAE,
+``default-d2`` a depth-2 VAR on it (draft-refine's refiner); each lives
 in ``assets/<name>/`` (weights + ``model.json`` card) and is selected by name wherever a checkpoint is accepted.
 """
 from __future__ import annotations
@@ -11,7 +12,8 @@ from pathlib import Path
 from .loading import CheckpointError
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
-SHIPPED = {"default": "make default-model", "default-mvar": "make default-mvar"}  # name -> the command that builds it
+SHIPPED = {"default": "make default-model", "default-mvar": "make default-mvar",
+           "default-d2": "make default-d2"}  # name -> the command that builds it
 DEFAULT_DIR = ASSETS_DIR / "default"
 CARD_FILE = "model.json"
 VAR_FILE = "var.safetensors"

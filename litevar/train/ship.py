@@ -1,6 +1,6 @@
 """Install a trained VQ-VAE + VAR (or M-VAR) pair as a shipped model (``make default-model`` / ``make default-mvar``).
 
-Usage: ``python -m litevar.train.ship runs/default [--arch mvar] [--cfg 1.5 --top-k 0 --top-p 0]``
+Usage: ``python -m litevar.train.ship runs/default [--model mvar] [--cfg 1.5 --top-k 0 --top-p 0]``
 """
 from __future__ import annotations
 
@@ -18,30 +18,33 @@ from .loop import DONE_FILE
 from .vae import VAE_WEIGHTS
 from .var import VAR_WEIGHTS
 
-SHIPPED_AS = {"var": "default", "mvar": "default-mvar"}  # train-var --arch -> the shipped model's name
+# the train-var run folder under run_dir -> the shipped model's name
+SHIPPED_AS = {"var": "default", "mvar": "default-mvar", "var-d2": "default-d2"}
 
 
 def ship(run_dir: str | Path, dest: Path = DEFAULT_DIR, sampling: dict | None = None,
-         class_names: tuple[str, ...] = FASHION_MNIST_CLASSES, arch: str = "var") -> Path:
-    """Copy ``run_dir/vae/vae.safetensors`` and ``run_dir/<arch>/var.safetensors`` (``arch``: ``var`` or ``mvar``,
-    the ``train-var --arch`` folders) to ``dest`` with a model card."""
-    if arch not in SHIPPED_AS:
-        raise ValueError(f"arch must be one of {tuple(SHIPPED_AS)}, got {arch!r}")
+         class_names: tuple[str, ...] = FASHION_MNIST_CLASSES, model: str = "var") -> Path:
+    """Copy ``run_dir/vae/vae.safetensors`` and ``run_dir/<model>/var.safetensors`` (``model``: a key of
+    :data:`SHIPPED_AS`, the train-var run folder) to ``dest`` with a model card."""
+    if model not in SHIPPED_AS:
+        raise ValueError(f"model must be one of {tuple(SHIPPED_AS)}, got {model!r}")
+    arch = "mvar" if model == "mvar" else "var"
     run_dir = Path(run_dir)
-    sources = {VAE_FILE: run_dir / "vae" / VAE_WEIGHTS, VAR_FILE: run_dir / arch / VAR_WEIGHTS}
+    sources = {VAE_FILE: run_dir / "vae" / VAE_WEIGHTS, VAR_FILE: run_dir / model / VAR_WEIGHTS}
     for src in sources.values():
         if not (src.parent / DONE_FILE).exists():
             raise CheckpointError(f"{src.parent} has no finished training run; finish `litevar train-vae/train-var` first")
     vae_meta, var_meta = read_model(sources[VAE_FILE])[1], read_model(sources[VAR_FILE])[1]
     if arch not in var_meta:
         raise CheckpointError(f"{sources[VAR_FILE]} holds a {next(iter(var_meta), 'unknown')} model, not a {arch}")
-    training = {part: json.loads((run_dir / part / DONE_FILE).read_text()) for part in ("vae", arch)}
+    training = {part: json.loads((run_dir / folder / DONE_FILE).read_text()) for part, folder in (("vae", "vae"),
+                                                                                                 (arch, model))}
     card = {"name": f"litevar-fashion-mnist-{'mvar-' if arch == 'mvar' else ''}d{var_meta[arch]['depth']}",
             "data": "Fashion-MNIST (Debian dataset-fashion-mnist, MIT), 60k train images, 28x28 zero-padded to 32x32",
             "config": {arch: var_meta[arch], "vae": vae_meta["vae"]},
             "sampling": {"cfg": 1.5, "top_k": 0, "top_p": 0.0, "more_smooth": False, **(sampling or {})},
             "class_names": list(class_names), "training": training,
-            "command": SHIPPED[SHIPPED_AS[arch]]}
+            "command": SHIPPED[SHIPPED_AS[model]]}
     dest.mkdir(parents=True, exist_ok=True)
     for name, src in sources.items():
         write_atomic(dest / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
@@ -91,19 +94,20 @@ def write_card(dest: Path = DEFAULT_DIR, quality_dir: str | Path = "runs/quality
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
-    parser.add_argument("--arch", choices=tuple(SHIPPED_AS), default="var",
-                        help="install runs/<arch> as the shipped model default (var) or default-mvar (mvar)")
+    parser.add_argument("--model", choices=tuple(SHIPPED_AS), default="var",
+                        help="install run_dir/<model> as the shipped model: " +
+                        ", ".join(f"{name} ({folder})" for folder, name in SHIPPED_AS.items()))
     parser.add_argument("--cfg", type=float)
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--card-only", metavar="QUALITY_DIR", help="only add the quality JSONs of this folder to the card")
     args = parser.parse_args(argv)
-    dest = ASSETS_DIR / SHIPPED_AS[args.arch]
+    dest = ASSETS_DIR / SHIPPED_AS[args.model]
     if args.card_only:
         print(f"wrote {write_card(dest, quality_dir=args.card_only)}")
         return
     sampling = {k: v for k, v in dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p).items() if v is not None}
-    print(f"model installed in {ship(args.run_dir, dest, sampling=sampling, arch=args.arch)}")
+    print(f"model installed in {ship(args.run_dir, dest, sampling=sampling, model=args.model)}")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def test_ship_installs_an_mvar_selectable_by_name(tmp_path, monkeypatch, trained
     monkeypatch.setattr(shipped, "ASSETS_DIR", tmp_path / "assets")
     with pytest.raises(CheckpointError, match="default-mvar is missing.*make default-mvar"):
         litevar.load_pipeline("default-mvar")
-    dest = ship(runs, dest=tmp_path / "assets" / "default-mvar", class_names=("h", "v"), arch="mvar")
+    dest = ship(runs, dest=tmp_path / "assets" / "default-mvar", class_names=("h", "v"), model="mvar")
     card = shipped.default_model("default-mvar")[2]
     assert card["name"] == "litevar-fashion-mnist-mvar-d1" and set(card["config"]) == {"mvar", "vae"}
     assert card["training"]["mvar"]["steps"] == 3 and card["command"] == "make default-mvar"
