@@ -21,7 +21,7 @@ class UsageError(ValueError):
 def add_model_args(parser: argparse.ArgumentParser, random_shapes: bool = False) -> None:
     """--var-ckpt / --vae-ckpt / --config (and --shape for random weights of a released shape)."""
     parser.add_argument("--var-ckpt", help="VAR or M-VAR checkpoint (.pth/.safetensors), a released name (var-d16 ... "
-                        "var-d36, mvar-d16 ... mvar-d32) or a shipped one (default-mvar); default: the shipped "
+                        "var-d36, mvar-d16 ... mvar-d32) or a shipped one (default-mvar, default-d2); default: the shipped "
                         "Fashion-MNIST VAR")
     parser.add_argument("--vae-ckpt", help="VQ-VAE checkpoint (optional with a released name)")
     parser.add_argument("--config", help="config JSON (litevar or upstream keywords); default: inferred from the files")

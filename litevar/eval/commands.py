@@ -83,7 +83,8 @@ def cmd_quality(args: argparse.Namespace) -> None:
         else:
             sampling = pipe.resolve_sampling(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=False)
             images, labels = _generated_images(pipe, args, sampling, out)
-            report |= {"sampling": sampling, "dtype": args.dtype, "generated_images": len(images),
+            report |= {"model": str(args.var_ckpt or "default"), "sampling": sampling, "dtype": args.dtype,
+                       "generated_images": len(images),
                        **generation_report(images, labels, test, features, load_classifier())}
             name = _generated_name(sampling)
     report["seconds"] = round(time.perf_counter() - start, 1)
