@@ -2,9 +2,9 @@
 what each carries between scales (VAR's KV cache vs M-VAR's conv rows + SSM state).
 
     python benchmarks/bench_mvar_vs_var.py --pair default:default-mvar --batch 8 --rounds 3 \
-        --out benchmarks/results/mvar/default_vs_var.json
+        --out benchmarks/results/mvar/pairs_default.json
     python benchmarks/bench_mvar_vs_var.py --pair var-d16:mvar-d16 --pair var-d24:mvar-d24 --pair var-d30:mvar-d32 \
-        --batch 1 --rounds 2 --out benchmarks/results/mvar/released_shapes_fp32.json
+        --batch 1 --rounds 2 --out benchmarks/results/mvar/pairs_released_shapes_fp32.json
 
 A model is a shipped name (default, default-mvar), a checkpoint path, or a released shape (var-d16, mvar-d32, ...)
 with seeded random weights (timing and memory do not depend on them). Every measurement is one fresh spawned

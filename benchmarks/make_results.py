@@ -389,6 +389,55 @@ def mvar_section(load: _Reader) -> list[str]:
     return lines[:-1]
 
 
+def mvar_pairs_section(load: _Reader) -> list[str]:
+    lines = ["## M-VAR vs VAR, whole generations (`benchmarks/bench_mvar_vs_var.py`)", ""]
+    for rel in load.glob("mvar/pairs_*.json"):
+        b = load(rel)
+        st = b["settings"]
+        lines += [f"`results/{rel}` ({b['time']}): {st['dtype']}, {st['threads']} threads, {st['rounds']} alternating "
+                  f"rounds (each model a fresh process per round), {machine_label(b['machine'])}; medians. Ratios are "
+                  "VAR / M-VAR (> 1: M-VAR faster or smaller).", "",
+                  f"| model | params (M) | batch 1 s | batch {st['batch']} img/s | peak RSS MiB | carried between scales "
+                  f"(MiB, batch {st['batch']}) |", "|---|---|---|---|---|---|"]
+        for pair in b["pairs"]:
+            for name in (pair["var"], pair["mvar"]):
+                m = pair["models"][name]
+                lines.append(f"| {name} ({m['arch']}) | {m['params'] / 1e6:.1f} | {m['latency_s']:.3g} | "
+                             f"{m['images_per_s']:.3g} | {m['peak_rss_mb']:.0f} | {m['carried_bytes'] / MIB:.2f} |")
+            r = pair["ratios_var_over_mvar"]
+            lo, hi = min(r["latency_per_round"]), max(r["latency_per_round"])
+            lines.append(f"| ratio | - | {r['latency']:.2f}x ({lo:.2f}-{hi:.2f}) | {r['throughput']:.2f}x | "
+                         f"{r['peak_rss']:.2f}x | {r['carried_bytes']:.1f}x |")
+        lines.append("")
+    return lines[:-1]
+
+
+def mvar_quality_section(load: _Reader) -> list[str]:
+    lines = ["## M-VAR vs VAR: quality of the shipped models (`litevar quality generated`)", "",
+             "| file | model | dtype | images | cfg / top-k / top-p | FD-EffLite0 | precision | recall | "
+             "class-consistency % | s | machine |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for rel in load.glob("mvar/quality_*.json"):
+        q = load(rel)
+        sp = q["sampling"]
+        lines.append(f"| {rel} | {q['model']} | {q['dtype']} | {q['generated_images']} | {sp['cfg']:g} / {sp['top_k']} "
+                     f"/ {sp['top_p']:g} | {q['fd']:.1f} | {q['precision']:.3f} | {q['recall']:.4f} | "
+                     f"{100 * q['class_consistency']:.1f} | {q['seconds']:.0f} | {machine_label(q['machine'])}, "
+                     f"{q['machine']['threads']} thread(s) |")
+    evals = load.glob("mvar/eval_*.json")
+    if evals:
+        from litevar.eval.tables import SUMMARY_HEADER, summary_cells
+
+        lines += ["", "Compressed M-VAR against the dense M-VAR (`litevar eval`; on an M-VAR the quantization targets "
+                  "include Mamba-2's in_proj/out_proj):", "",
+                  "| file | model | recipe | images | " + " | ".join(SUMMARY_HEADER) + " | machine |",
+                  "|" + "---|" * (5 + len(SUMMARY_HEADER))]
+        for rel in evals:
+            ev = load(rel)
+            lines.append(f"| {Path(rel).stem} | {ev['model']['var_ckpt']} | {ev['recipe']['name']} | {ev['images']} | "
+                         + " | ".join(summary_cells(ev)) + f" | {machine_label(ev['machine'])} |")
+    return lines
+
+
 def guidance_section(load: _Reader) -> list[str]:
     lines = ["## Guidance: the unconditional rows dropped (`benchmarks/bench_guidance.py`)", "",
              "| file | recipe | shape | batch | threads | machine | scale | dense s | candidate s | candidate/dense "
@@ -401,6 +450,30 @@ def guidance_section(load: _Reader) -> list[str]:
                      f"{machine_label(g['machine'])} | {g['scale']} | {statistics.median(dense):.3g} | "
                      f"{statistics.median(cand):.3g} | {g['ratio_median']:.3f} ({lo:.3f}-{hi:.3f}) | {g['rounds']} |")
     return lines
+
+
+def tune_section(load: _Reader) -> list[str]:
+    lines = ["## `litevar tune` on the default model", ""]
+    for rel in load.glob("tune/*/tune.json"):
+        t = load(rel)
+        st, chosen = t["settings"], t["chosen"]["name"]
+        lines += [f"`results/{rel}`: {len(t['candidates'])} candidates ({len(t['space']['slots'])} slots, "
+                  f"{t['space']['dtype']}), speed proxy {st['speed']}"
+                  f"{' on ' + st['shape'] if st['shape'] else ''}, proxies on {st['proxy_per_class']} image(s) per class, "
+                  f"finalists on {st['per_class']} per class; budget {t['budget']}. Chosen: **{chosen}**; "
+                  f"plot: `{Path(rel).parent}/pareto.png`.", "",
+                  "| candidate | speed-up | proxy token agreement | proxy KL | finalist FD-EffLite0 +% | finalist CC drop | "
+                  "Pareto |", "|---|---|---|---|---|---|---|"]
+        for c in sorted(t["candidates"], key=lambda c: -c.get("speed", {}).get("speedup", 0)):
+            if "refused" in c:
+                lines.append(f"| {c['name']} | refused: {c['refused'].splitlines()[0][:120]} | - | - | - | - | - |")
+                continue
+            fid = c["proxy"]["fidelity"]
+            final = (f"{100 * c['fd_increase']:+.1f} | {c['cc_drop_points']:+.1f}" if "fd_increase" in c else "- | -")
+            lines.append(f"| {c['name']} | {c['speed']['speedup']:.2f}x | {fid['token_agreement']:.3f} | "
+                         f"{fid['kl_mean']:.4f} | {final} | {'yes' if c['name'] in t['pareto'] else ''} |")
+        lines.append("")
+    return lines[:-1]
 
 
 def kv_section(load: _Reader) -> list[str]:
@@ -426,7 +499,8 @@ def kv_section(load: _Reader) -> list[str]:
 
 SECTIONS = [machines_section, default_model_section, eval_section, bench_section, attention_section,
             calibration_section, kernel_section, quant_section, full_recipe_section, sensitivity_section,
-            weight_memory_section, decoder_section, sampling_section, mvar_section, guidance_section, kv_section]
+            weight_memory_section, decoder_section, sampling_section, mvar_section, mvar_pairs_section,
+            mvar_quality_section, guidance_section, kv_section, tune_section]
 
 
 def _log() -> str:
