@@ -3,9 +3,9 @@ a smaller refiner that shares its VQ-VAE generates the rest.
 
 The early scales hold few tokens, so the large model's work there is cheap and decides the image's layout; the
 last scales hold most tokens and mostly add detail, which a small model can do for a fraction of the work. At the
-switch the refiner reads the drafted scales once (scale by scale through its own KV cache: the same operations it
-runs while generating, so a refiner that is the drafter continues bit-identically), then samples the remaining
-scales with the same random stream. Its VQ-VAE must be the drafter's (same configuration and weights): both
+switch the refiner reads the drafted scales once (one block-causal pass through its blocks that fills its own KV
+cache: the teacher-forced attention, so a refiner that is the drafter continues with the same tokens up to
+rounding), then samples the remaining scales with the same random stream. Its VQ-VAE must be the drafter's (same configuration and weights): both
 models speak the same tokens and the drafter's decoder makes the image.
 
 The recipe's other steps transform the drafter (its attention, weights, KV cache) and the shared decoder; the
@@ -84,26 +84,37 @@ class Refiner:
             feats: per scale ``1 .. from_scale``, its VQ-VAE input features [B, pn^2, Cvae] (index 0 unused).
             uncond_until: the unconditional rows are computed at scales below this one only.
         """
-        var, B = self.var, labels_B.shape[0]
+        var, B, si = self.var, labels_B.shape[0], self.from_scale
         cond_BD, block_mods, head_mod = var.conditioning(
             torch.cat((labels_B, torch.full_like(labels_B, self.config.num_classes))))
         level_pos = var.level_pos()
         dtype, device = next(var.parameters()).dtype, labels_B.device
         caches = AttentionComponents().make_caches(2 * B, self.config, dtype, device)
-        ctx = AttnContext(kv_caches=caches, cfg_batch=B)
-        for si in range(self.from_scale + 1):
-            ctx.scale_index = si
-            if si == 0:
-                x_BLC = var.first_tokens(cond_BD, level_pos)
-            else:
-                x_BLC = var.next_tokens(si, feats[si], level_pos)
-                x_BLC = x_BLC.repeat(2, 1, 1) if si < uncond_until else x_BLC
-            if si == uncond_until:
-                x_BLC, block_mods, head_mod = x_BLC[:B], [m[:B] for m in block_mods], head_mod[:B]
-                ctx.cfg_batch = None
-            if si < self.from_scale:
-                var.forward_scale(x_BLC, block_mods, head_mod, ctx)  # fills the KV cache; these logits are unused
+        if si > 0:
+            self._prefill(cond_BD, block_mods, feats, level_pos, caches, 2 * B if uncond_until > si else B)
+        ctx = AttnContext(kv_caches=caches, cfg_batch=B, scale_index=si)
+        if si == 0:
+            x_BLC = var.first_tokens(cond_BD, level_pos)
+        else:
+            x_BLC = var.next_tokens(si, feats[si], level_pos)
+            x_BLC = x_BLC.repeat(2, 1, 1) if si < uncond_until else x_BLC
+        if si >= uncond_until:
+            x_BLC, block_mods, head_mod = x_BLC[:B], [m[:B] for m in block_mods], head_mod[:B]
+            ctx.cfg_batch = None
         return caches, ctx, block_mods, head_mod, level_pos, x_BLC
+
+    def _prefill(self, cond_BD, block_mods, feats, level_pos, caches, rows: int) -> None:
+        """Every drafted scale through the blocks in one block-causal pass (the weights are read once, not once per
+        scale: at batch 1 the small scales are bound by that read), writing the KV cache; no head, no logits.
+        ``rows``: both CFG halves, or only the conditional one where the refiner never computes the other."""
+        var, B = self.var, cond_BD.shape[0] // 2
+        parts = [var.first_tokens(cond_BD[:rows], level_pos)]
+        parts += [var.next_tokens(s, feats[s], level_pos).repeat(rows // B, 1, 1) for s in range(1, self.from_scale)]
+        x_BLC = torch.cat(parts, 1)
+        n = x_BLC.shape[1]
+        ctx = AttnContext(kv_caches=caches, attn_bias=var.attn_bias_for_masking[..., :n, :n].to(x_BLC.dtype))
+        for block, mod in zip(var.blocks, block_mods):
+            x_BLC = block(x_BLC, mod[:rows], ctx)
 
     def describe(self) -> dict:
         return {"refiner": self.name, "from_scale": self.from_scale, "depth": self.config.depth}
