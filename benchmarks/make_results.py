@@ -476,6 +476,25 @@ def tune_section(load: _Reader) -> list[str]:
     return lines[:-1]
 
 
+def generation_section(load: _Reader) -> list[str]:
+    lines = ["## Doing less work: whole generations, dense vs candidate interleaved (`benchmarks/bench_guidance.py "
+             "--mode generate`)", "",
+             "One process, both pipelines on the same random weights, labels and seeds, alternating after a warm-up "
+             "round; medians over rounds, ratios dense / candidate (> 1: faster).", "",
+             "| file | recipe | shape | batch | threads | machine | dense s | candidate s | speed-up (range) | "
+             "transformer speed-up | last scale speed-up | rounds |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for rel in load.glob("guidance/generate_*.json") + load.glob("draft_refine/generate_*.json"):
+        g = load(rel)
+        dense, cand = ([r["seconds"] for r in g["runs"][k]] for k in ("dense", "candidate"))
+        ratios = [d / c for d, c in zip(dense, cand)]
+        lines.append(f"| {rel} | {g['recipe']['name']} | {g['shape']} | {g['batch']} | {g['threads']} | "
+                     f"{machine_label(g['machine'])} | {statistics.median(dense):.3g} | {statistics.median(cand):.3g} | "
+                     f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | "
+                     f"{1 / g['transformer_ratio_median']:.2f}x | {1 / g['per_scale_ratio_median'][-1]:.2f}x | "
+                     f"{g['rounds']} |")
+    return lines
+
+
 def kv_section(load: _Reader) -> list[str]:
     files = load.glob("kv/eval_*.json") + load.glob("kv/bench_*.json") + load.glob("kv/shapes/memory_*.json")
     figures = load.glob("kv/figures_*/kv_kept_keys.json")
@@ -500,7 +519,8 @@ def kv_section(load: _Reader) -> list[str]:
 SECTIONS = [machines_section, default_model_section, eval_section, bench_section, attention_section,
             calibration_section, kernel_section, quant_section, full_recipe_section, sensitivity_section,
             weight_memory_section, decoder_section, sampling_section, mvar_section, mvar_pairs_section,
-            mvar_quality_section, guidance_section, kv_section, tune_section]
+            mvar_quality_section, guidance_section, generation_section, kv_section,
+            tune_section]
 
 
 def _log() -> str:

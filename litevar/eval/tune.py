@@ -5,10 +5,10 @@
 2. **Proxies**, on every candidate: token agreement and KL against the dense model on a few images
    (``proxy_per_class``), and speed against dense: FLOPs per image (``speed="flops"``, deterministic) or measured
    throughput (``speed="time"``: ``litevar bench``, each variant in its own process) on the speed model.
-3. **Finalists**: the fastest ``finalists`` candidates whose proxy agreement is at least ``min_agreement`` get the
-   full evaluation (``per_class`` images; with ``data``: FD-EffLite0 and class-consistency against the dense
-   model's own, on the same labels and seeds).
-4. **Chosen**: the fastest finalist within the budget (``max_fd_increase`` relative, ``max_cc_drop`` points;
+3. **Finalists**: the candidates whose proxy agreement is at least ``min_agreement`` get the full evaluation
+   (``per_class`` images; with ``data``: FD-EffLite0 and class-consistency against the dense model's own, on the
+   same labels and seeds), fastest first, until one is within the budget or ``finalists`` have been evaluated.
+4. **Chosen**: that first candidate within the budget (``max_fd_increase`` relative, ``max_cc_drop`` points;
    without data the agreement bound alone), else dense.
 
 Each candidate's measurements are written to ``out/candidates/<fingerprint>.json`` as each stage finishes, so a
@@ -208,16 +208,23 @@ def tune(space: str | Path | dict, settings: TuneSettings, out: str | Path) -> d
     ranked = sorted((e for e in entries if "refused" not in e
                      and e["proxy"]["fidelity"]["token_agreement"] >= settings.min_agreement),
                     key=lambda e: -e["speed"]["speedup"])
-    for entry in ranked[:settings.finalists]:
+    finalists, chosen = [], Recipe(dtype=dtype)
+    for entry in ranked:  # fastest first: the first within the budget is the answer
+        if len(finalists) == settings.finalists:
+            break
         path = out / "candidates" / f"{_entry_id(entry)}.json"
         _stage(entry, "final", path, lambda e=entry: _evaluate(e["recipe"], settings, settings.per_class,
                                                               settings.data, cache))
-    passing = [e for e in ranked[:settings.finalists] if _within_budget(e, settings)]
-    chosen = passing[0]["recipe"] if passing else Recipe(dtype=dtype)
+        if "refused" in entry:
+            continue
+        finalists.append(entry["name"])
+        if _within_budget(entry, settings):
+            chosen = entry["recipe"]
+            break
     report = {"litevar_tune": 1, "settings": asdict(settings), "space": {"dtype": dtype, "slots": slots},
               "candidates": [{**{k: v for k, v in e.items() if k != "recipe"},
                               **({"recipe": e["recipe"].to_dict()} if "recipe" in e else {})} for e in entries],
-              "finalists": [e["name"] for e in ranked[:settings.finalists]],
+              "finalists": finalists,
               "pareto": pareto_front(entries), "chosen": chosen.to_dict(),
               "budget": "token agreement only (no data)" if settings.data is None else
                         f"FD-EffLite0 +{100 * settings.max_fd_increase:g}%, class-consistency -{settings.max_cc_drop:g}"}

@@ -84,3 +84,23 @@ def test_cli_writes_the_front_and_refuses_bad_values(ref_dir, tmp_path, capsys):
     assert "min_agreement must be in [0, 1]" in capsys.readouterr().err
     assert main(["tune", "--space", str(space), *model, "--classes", "0", "--proxy-per-class", "1"]) != 0
     assert "at least 2 images" in capsys.readouterr().err
+
+
+def test_finalists_are_evaluated_fastest_first_until_one_is_within_the_budget(settings, tmp_path, monkeypatch):
+    """The fastest candidate misses the FD budget, the second meets it: the search stops there."""
+    space = {**SPACE, "slots": [[None, {"type": "guidance"}, SKIP_ALL], [None, PRUNE]]}
+    finals = []
+
+    def fake_evaluate(recipe, _settings, per_class, data, _cache):
+        steps = [s["type"] for s in recipe.to_dict()["steps"]]
+        if per_class == settings.per_class:
+            finals.append(steps)
+        fd = 130.0 if steps == ["guidance", "token-prune"] else 101.0  # the least work costs the most quality
+        return {"fidelity": {"token_agreement": 0.9, "kl_mean": 0.1, "psnr_db": 20.0},
+                "quality": {"fd_effl0": fd, "class_consistency": 0.9},
+                "reference_quality": {"fd_effl0": 100.0, "class_consistency": 0.9}, "images": 2}
+    monkeypatch.setattr(tune_mod, "_evaluate", fake_evaluate)
+    report = tune(space, TuneSettings(**{**settings.__dict__, "data": "fake"}), tmp_path)
+    assert finals == [["guidance", "token-prune"], ["guidance"]]  # skip-all+prune fails, skip-all passes: stop
+    assert _steps(report) == ["guidance"] and report["chosen"]["steps"][0]["skip_uncond_from"] == 0
+    assert sorted(report["finalists"]) == sorted(c["name"] for c in report["candidates"] if "final" in c)
