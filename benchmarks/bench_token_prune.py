@@ -8,7 +8,7 @@ scale's prefix (for the candidate, per layer the keys its pruning stores), rando
 pruned, random previous-scale states to restore from; the rows the recipe's guidance schedule computes there.
 Per scale: the median and range of the candidate/dense ratio over rounds. Writes JSON.
 
-    python benchmarks/bench_token_prune.py --recipe benchmarks/recipes/prune/fastvar_last2_k0.5_bf16.json \
+    python benchmarks/bench_token_prune.py --recipe benchmarks/recipes/prune/late2_keep0.5_fp32.json \
         --shape var-d16 --mode scale --batch 2 --threads 1 --rounds 3 \
         --out benchmarks/results/prune/scale_var-d16.json
 """

@@ -85,7 +85,9 @@ def write_card(dest: Path = DEFAULT_DIR, quality_dir: str | Path = "runs/quality
              "ImageNet features at 128 px, FD-EffLite0; not comparable with Inception FID):", "",
              "| set | FD-EffLite0 | precision | recall | other |", "|---|---|---|---|---|"]
     lines += [_row(name, r) for name, r in reports.items()]
-    lines += ["", "Reproduce: `make quality` (see the README for each command)."]
+    reproduce = ("make quality" if arch == "var" else
+                 f"litevar quality generated --var-ckpt {dest.name} --cfg {card['sampling']['cfg']}")
+    lines += ["", f"Reproduce: `{reproduce}` (see the README for each command)."]
     path = dest / "MODEL_CARD.md"
     write_atomic(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     return path

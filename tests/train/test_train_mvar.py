@@ -51,4 +51,6 @@ def test_ship_installs_an_mvar_selectable_by_name(tmp_path, monkeypatch, trained
         litevar.load_pipeline("default-mvar", trained_vae / "vae.safetensors")
     quality = tmp_path / "quality"
     quality.mkdir()
-    assert "M-VAR (intra-scale attention + Mamba-2" in write_card(dest, quality).read_text()
+    text = write_card(dest, quality).read_text()
+    assert "M-VAR (intra-scale attention + Mamba-2" in text
+    assert f"litevar quality generated --var-ckpt {dest.name}" in text
