@@ -1,4 +1,4 @@
-"""Dense vs candidate timed alternately in one process (shared by bench_guidance.py and bench_token_prune.py).
+"""Dense vs candidate timed alternately in one process (the loops of bench_less_work.py).
 
 Round 0 of every loop warms up and is not kept; then each round runs dense, then the candidate, so the shared
 machine's load hits both alike.

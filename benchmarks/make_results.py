@@ -439,10 +439,11 @@ def mvar_quality_section(load: _Reader) -> list[str]:
 
 
 def guidance_section(load: _Reader) -> list[str]:
-    lines = ["## Guidance: the unconditional rows dropped (`benchmarks/bench_guidance.py`)", "",
+    lines = ["## One scale's transformer time: guidance (unconditional rows dropped) and token pruning "
+             "(`benchmarks/bench_less_work.py --mode scale`)", "",
              "| file | recipe | shape | batch | threads | machine | scale | dense s | candidate s | candidate/dense "
              "(median, range) | rounds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for rel in load.glob("guidance/last_scale_*.json"):
+    for rel in load.glob("guidance/last_scale_*.json") + load.glob("prune/scale_*.json"):
         g = load(rel)
         dense, cand = g["seconds"]["dense"], g["seconds"]["candidate"]
         lo, hi = g["ratio_range"]
@@ -457,41 +458,63 @@ def tune_section(load: _Reader) -> list[str]:
     for rel in load.glob("tune/*/tune.json"):
         t = load(rel)
         st, chosen = t["settings"], t["chosen"]["name"]
+        chosen_file = f"{Path(rel).parent}/chosen_recipe.json"
+        if chosen_file in load.glob(chosen_file) and load(chosen_file)["name"] != chosen:
+            raise ValueError(f"{chosen_file} is not the recipe {rel} chose")
         lines += [f"`results/{rel}`: {len(t['candidates'])} candidates ({len(t['space']['slots'])} slots, "
                   f"{t['space']['dtype']}), speed proxy {st['speed']}"
                   f"{' on ' + st['shape'] if st['shape'] else ''}, proxies on {st['proxy_per_class']} image(s) per class, "
-                  f"finalists on {st['per_class']} per class; budget {t['budget']}. Chosen: **{chosen}**; "
+                  f"finalists on {st['per_class']} per class; budget {t['budget']}. Chosen: **{chosen}** (`{chosen_file}`); "
                   f"plot: `{Path(rel).parent}/pareto.png`.", "",
                   "| candidate | speed-up | proxy token agreement | proxy KL | finalist FD-EffLite0 +% | finalist CC drop | "
                   "Pareto |", "|---|---|---|---|---|---|---|"]
         for c in sorted(t["candidates"], key=lambda c: -c.get("speed", {}).get("speedup", 0)):
             if "refused" in c:
-                lines.append(f"| {c['name']} | refused: {c['refused'].splitlines()[0][:120]} | - | - | - | - | - |")
+                conflict = c["refused"].splitlines()[0].split("': ", 1)[-1]  # the recipe layer's reason, not the name
+                lines.append(f"| {c['name']} | refused: {conflict} | - | - | - | - | - |")
                 continue
             fid = c["proxy"]["fidelity"]
             final = (f"{100 * c['fd_increase']:+.1f} | {c['cc_drop_points']:+.1f}" if "fd_increase" in c else "- | -")
             lines.append(f"| {c['name']} | {c['speed']['speedup']:.2f}x | {fid['token_agreement']:.3f} | "
                          f"{fid['kl_mean']:.4f} | {final} | {'yes' if c['name'] in t['pareto'] else ''} |")
-        lines.append("")
+        lines += ["", *_seed_noise(load, f"{Path(rel).parent}/noise/eval_*.json")]
     return lines[:-1]
 
 
+def _seed_noise(load: _Reader, pattern: str) -> list[str]:
+    """The dense model's quality on disjoint seed sets: how much of a finalist's FD / CC change is noise."""
+    reports = sorted((load(rel) for rel in load.glob(pattern)), key=lambda r: r["seed"])
+    if len(reports) < 2:
+        return []
+    first, rows = reports[0]["quality"], []
+    for r in reports:
+        q = r["quality"]
+        rows.append(f"seeds {r['seed']}-{r['seed'] + r['images'] - 1}: FD-EffLite0 {q['fd_effl0']:.1f} "
+                    f"({100 * (q['fd_effl0'] / first['fd_effl0'] - 1):+.1f}%), class-consistency "
+                    f"{100 * q['class_consistency']:.1f}% ({100 * (q['class_consistency'] - first['class_consistency']):+.1f})")
+    return [f"Seed-set noise, the dense {reports[0]['recipe']['name']} model alone ({reports[0]['images']} images "
+            f"each, `litevar eval --seed`): " + "; ".join(rows) + ".", ""]
+
+
 def generation_section(load: _Reader) -> list[str]:
-    lines = ["## Doing less work: whole generations, dense vs candidate interleaved (`benchmarks/bench_guidance.py "
+    lines = ["## Doing less work: whole generations, dense vs candidate interleaved (`benchmarks/bench_less_work.py "
              "--mode generate`)", "",
              "One process, both pipelines on the same random weights, labels and seeds, alternating after a warm-up "
              "round; medians over rounds, ratios dense / candidate (> 1: faster).", "",
              "| file | recipe | shape | batch | threads | machine | dense s | candidate s | speed-up (range) | "
-             "transformer speed-up | last scale speed-up | rounds |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for rel in load.glob("guidance/generate_*.json") + load.glob("draft_refine/generate_*.json"):
+             "transformer speed-up | last scale speed-up | dense decoder s (share) | rounds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for rel in load.glob("guidance/generate_*.json") + load.glob("draft_refine/generate_*.json") + \
+            load.glob("prune/generate_*.json"):
         g = load(rel)
         dense, cand = ([r["seconds"] for r in g["runs"][k]] for k in ("dense", "candidate"))
         ratios = [d / c for d, c in zip(dense, cand)]
+        decoder = statistics.median(r["decoder"] for r in g["runs"]["dense"])  # untouched by these steps: the floor
         lines.append(f"| {rel} | {g['recipe']['name']} | {g['shape']} | {g['batch']} | {g['threads']} | "
                      f"{machine_label(g['machine'])} | {statistics.median(dense):.3g} | {statistics.median(cand):.3g} | "
                      f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | "
                      f"{1 / g['transformer_ratio_median']:.2f}x | {1 / g['per_scale_ratio_median'][-1]:.2f}x | "
-                     f"{g['rounds']} |")
+                     f"{decoder:.3g} ({decoder / statistics.median(dense):.0%}) | {g['rounds']} |")
     return lines
 
 

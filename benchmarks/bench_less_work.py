@@ -1,16 +1,22 @@
-"""Transformer time per scale: dense vs a ``token-prune`` recipe, interleaved A B A B in one process.
+"""Dense vs a candidate recipe that does less work, timed interleaved A B A B in one process.
 
+Any recipe: guidance schedules (unconditional rows dropped), token pruning, draft-refine, their compositions.
 Both pipelines (same random weights of a released shape, same labels and per-image seeds) are loaded once and
 run alternately, so the shared machine's load hits both alike. ``--mode generate``: whole generations, per round
 and per scale the transformer seconds (``Pipeline.generate(timings=True)``). ``--mode scale`` (quicker on slow
 CPUs): only the transformer forward of one scale (``--scale``, default the last) over a KV cache filled to that
-scale's prefix (for the candidate, per layer the keys its pruning stores), random inputs and, where the scale is
-pruned, random previous-scale states to restore from; the rows the recipe's guidance schedule computes there.
-Per scale: the median and range of the candidate/dense ratio over rounds. Writes JSON.
+scale's prefix (for a pruning candidate, per layer the keys its pruning stores), random inputs and, where the
+scale is pruned, random previous-scale states to restore from; the rows the recipe's guidance schedule computes
+there (the conditional half once the unconditional rows are dropped). Per scale: the median and range of the
+candidate/dense ratio over rounds. Writes JSON.
 
-    python benchmarks/bench_token_prune.py --recipe benchmarks/recipes/prune/late2_keep0.5_fp32.json \
-        --shape var-d16 --mode scale --batch 2 --threads 1 --rounds 3 \
+    python benchmarks/bench_less_work.py --recipe benchmarks/recipes/prune/late2_keep0.5_fp32.json \
+        --shape var-d16 --mode scale --batch 2 --threads 2 --rounds 3 \
         --out benchmarks/results/prune/scale_var-d16.json
+    python benchmarks/bench_less_work.py --recipe benchmarks/recipes/guidance/skip_uncond_last_bf16.json \
+        --shape var-d16 --mode scale --batch 2 --out benchmarks/results/guidance/last_scale_var-d16.json
+    python benchmarks/bench_less_work.py --recipe benchmarks/recipes/draft_refine/d16_refiner_n8_skip_uncond_last2_fp32.json \
+        --shape var-d24 --batch 1 --out benchmarks/results/draft_refine/generate_var-d24.json
 """
 from __future__ import annotations
 
@@ -110,6 +116,10 @@ def main_generate(args) -> None:
 def main_scale(args) -> None:
     recipe, pipes = load_pair(args.recipe, args.shape, args.threads)
     scale = args.scale % len(pipes["dense"].config.var.patch_nums)
+    refiner = pipes["candidate"].attention.refiner
+    if refiner is not None and scale >= refiner.from_scale:
+        raise SystemExit(f"--mode scale times the drafter's transformer, but the refiner generates scale {scale}: "
+                         "use --mode generate for draft-refine")
     labels, _ = JobList(range(pipes["dense"].num_classes), samples=args.batch, seed=args.seed).batch(range(args.batch))
     runners = {name: _scale_forward(pipe, labels, scale) for name, pipe in pipes.items()}
     seconds = call_rounds(runners, args.rounds, f"scale {scale} transformer")
