@@ -150,7 +150,8 @@ def cmd_tune(args: argparse.Namespace) -> None:
                                 proxy_per_class=args.proxy_per_class, per_class=args.per_class,
                                 classes=tuple(parse_classes(args.classes)) if args.classes else None, data=data,
                                 finalists=args.finalists, min_agreement=args.min_agreement,
-                                max_fd_increase=_share(args.max_fd_increase), max_cc_drop=args.max_cc_drop)
+                                max_fd_increase=_share(args.max_fd_increase), max_cc_drop=args.max_cc_drop,
+                                noise_check=args.noise_check)
     except ValueError as err:
         raise UsageError(f"litevar tune: {err}") from None
     report = tune(args.space, settings, args.out)
@@ -161,6 +162,10 @@ def cmd_tune(args: argparse.Namespace) -> None:
                                      (" (Pareto)" if c["name"] in report["pareto"] else ""))
         print(f"{c['name']}: {state}")
     print(f"chosen: {report['chosen']['name']} (budget: {report['budget']})")
+    if noise := report["noise"]:
+        print(f"noise: dense on seeds {noise['seeds'][1]}.. vs {noise['seeds'][0]}..: FD-EffLite0 "
+              f"{100 * noise['fd_change']:+.1f}%, class-consistency {noise['cc_change_points']:+.1f} points"
+              + (" (the budget is within this noise)" if noise["budget_within_noise"] else ""))
     print(f"wrote {Path(args.out) / 'tune.json'}, pareto.png and chosen_recipe.json")
 
 
@@ -182,6 +187,8 @@ def add_tune_command(sub) -> None:
     t.add_argument("--min-agreement", type=float, default=0.0, help="least proxy token agreement with dense")
     t.add_argument("--max-fd-increase", default="2%", help="most FD-EffLite0 increase over dense, e.g. 2%% or 0.02")
     t.add_argument("--max-cc-drop", type=float, default=1.0, help="most class-consistency drop, in points")
+    t.add_argument("--noise-check", action="store_true",
+                   help="also evaluate dense on a second seed set: how far quality moves with the seeds alone")
     t.add_argument("--threads", type=int)
     t.add_argument("--out", default="runs/tune", help="folder; rerun the same command to resume")
     t.set_defaults(func=cmd_tune)

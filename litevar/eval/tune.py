@@ -10,9 +10,12 @@
    same labels and seeds), fastest first, until one is within the budget or ``finalists`` have been evaluated.
 4. **Chosen**: that first candidate within the budget (``max_fd_increase`` relative, ``max_cc_drop`` points;
    without data the agreement bound alone), else dense.
+5. **Noise** (``noise_check``, with data): dense on a second, disjoint seed set of the same size, against dense on
+   the first: how far FD-EffLite0 and class-consistency move with the seeds alone, so a budget below that is
+   flagged (``noise.budget_within_noise``) rather than trusted.
 
 Each candidate's measurements are written to ``out/candidates/<fingerprint>.json`` as each stage finishes, so a
-rerun with the same settings resumes. ``out/tune.json`` holds everything with the Pareto front (speed-up vs
+rerun with the same settings resumes (the noise check in ``out/noise.json``). ``out/tune.json`` holds everything with the Pareto front (speed-up vs
 proxy agreement), ``out/pareto.png`` plots it, ``out/chosen_recipe.json`` is the chosen recipe.
 """
 from __future__ import annotations
@@ -41,6 +44,7 @@ class TuneSettings:
         speed: "flops" or "time". batch, repeats: for ``speed="time"``.
         proxy_per_class, per_class, classes, data: images of the proxy and final evaluations, and the dataset.
         finalists, min_agreement, max_fd_increase, max_cc_drop: the selection and the budget.
+        noise_check: also measure dense on a second seed set (needs ``data``).
     """
 
     var_ckpt: str | None = None
@@ -58,6 +62,7 @@ class TuneSettings:
     min_agreement: float = 0.0
     max_fd_increase: float = 0.02
     max_cc_drop: float = 1.0
+    noise_check: bool = False
 
     def __post_init__(self) -> None:
         if self.speed not in SPEEDS:
@@ -72,6 +77,8 @@ class TuneSettings:
             raise ValueError("max_fd_increase and max_cc_drop must be >= 0")
         if self.classes is not None and min(self.proxy_per_class, self.per_class) * len(self.classes) < 2:
             raise ValueError("the proxy and final evaluations need at least 2 images each (their Frechet distance)")
+        if self.noise_check and self.data is None:
+            raise ValueError("noise_check compares quality against data: it needs data")
 
 
 class Refused(Exception):
@@ -126,11 +133,12 @@ def _model(settings: TuneSettings) -> dict:
     return {"var_ckpt": settings.var_ckpt, "vae_ckpt": settings.vae_ckpt, "config": settings.config}
 
 
-def _evaluate(recipe: Recipe, settings: TuneSettings, per_class: int, data: str | None, cache: Path) -> dict:
+def _evaluate(recipe: Recipe, settings: TuneSettings, per_class: int, data: str | None, cache: Path,
+              seed: int = 0) -> dict:
     from .evaluate import EvalSettings, evaluate
 
     _built(recipe, **_model(settings))  # refused compositions stop here, before any measurement
-    report = evaluate(recipe, EvalSettings(per_class=per_class, classes=settings.classes, data=data,
+    report = evaluate(recipe, EvalSettings(per_class=per_class, classes=settings.classes, seed=seed, data=data,
                                            cache_dir=cache), progress=False, **_model(settings))
     return {"fidelity": {k: report["fidelity"][k] for k in ("token_agreement", "kl_mean", "psnr_db")},
             "quality": report.get("quality"), "reference_quality": report["reference"].get("quality"),
@@ -182,6 +190,25 @@ def _within_budget(entry: dict, settings: TuneSettings) -> bool:
     return fd_increase <= settings.max_fd_increase and cc_drop <= settings.max_cc_drop
 
 
+def _seed_noise(dtype: str, settings: TuneSettings, finals: list[dict], out: Path) -> dict:
+    """The dense reference on seeds ``n .. 2n - 1`` against itself on ``0 .. n - 1`` (n images per evaluation, as
+    the finalists had), saved for resume."""
+    path = out / "noise.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    dense, cache = Recipe(dtype=dtype), out / "eval_cache"
+    first = finals[0]["final"] if finals else _evaluate(dense, settings, settings.per_class, settings.data, cache)
+    second = _evaluate(dense, settings, settings.per_class, settings.data, cache, seed=first["images"])
+    q1, q2 = first["reference_quality"], second["reference_quality"]
+    fd = (q2["fd_effl0"] - q1["fd_effl0"]) / q1["fd_effl0"]
+    cc = 100 * (q2.get("class_consistency", 0) - q1.get("class_consistency", 0))
+    noise = {"seeds": [0, first["images"]], "images": first["images"], "first": q1, "second": q2,
+             "fd_change": fd, "cc_change_points": cc,
+             "budget_within_noise": settings.max_fd_increase <= abs(fd) or settings.max_cc_drop <= abs(cc)}
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(noise, indent=1)))
+    return noise
+
+
 def pareto_front(entries: list[dict]) -> list[str]:
     """Names of the measured candidates no other beats on both speed-up and proxy agreement."""
     points = [(e["name"], e["speed"]["speedup"], e["proxy"]["fidelity"]["token_agreement"]) for e in entries
@@ -221,11 +248,13 @@ def tune(space: str | Path | dict, settings: TuneSettings, out: str | Path) -> d
         if _within_budget(entry, settings):
             chosen = entry["recipe"]
             break
+    finals = [e for e in entries if e["name"] in finalists]
+    noise = _seed_noise(dtype, settings, finals, out) if settings.noise_check else None
     report = {"litevar_tune": 1, "settings": asdict(settings), "space": {"dtype": dtype, "slots": slots},
               "candidates": [{**{k: v for k, v in e.items() if k != "recipe"},
                               **({"recipe": e["recipe"].to_dict()} if "recipe" in e else {})} for e in entries],
               "finalists": finalists,
-              "pareto": pareto_front(entries), "chosen": chosen.to_dict(),
+              "pareto": pareto_front(entries), "chosen": chosen.to_dict(), "noise": noise,
               "budget": "token agreement only (no data)" if settings.data is None else
                         f"FD-EffLite0 +{100 * settings.max_fd_increase:g}%, class-consistency -{settings.max_cc_drop:g}"}
     chosen.save(out / "chosen_recipe.json")

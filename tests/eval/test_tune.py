@@ -104,3 +104,30 @@ def test_finalists_are_evaluated_fastest_first_until_one_is_within_the_budget(se
     assert finals == [["guidance", "token-prune"], ["guidance"]]  # skip-all+prune fails, skip-all passes: stop
     assert _steps(report) == ["guidance"] and report["chosen"]["steps"][0]["skip_uncond_from"] == 0
     assert sorted(report["finalists"]) == sorted(c["name"] for c in report["candidates"] if "final" in c)
+
+
+def test_noise_check_measures_dense_on_a_disjoint_seed_set_and_flags_a_budget_within_it(settings, tmp_path,
+                                                                                       monkeypatch):
+    calls = []
+
+    def fake_evaluate(recipe, _settings, per_class, data, _cache, seed=0):
+        calls.append((recipe.to_dict()["steps"], per_class, seed))
+        dense_fd = 100.0 if seed == 0 else 103.0  # the seeds alone move dense's FD by 3%
+        return {"fidelity": {"token_agreement": 0.9, "kl_mean": 0.1, "psnr_db": 20.0},
+                "quality": {"fd_effl0": 110.0, "class_consistency": 0.9},
+                "reference_quality": {"fd_effl0": dense_fd, "class_consistency": 0.9}, "images": 4}
+    monkeypatch.setattr(tune_mod, "_evaluate", fake_evaluate)
+    space = {**SPACE, "slots": [[None, SKIP_ALL]]}
+    with pytest.raises(ValueError, match="needs data"):
+        TuneSettings(**{**settings.__dict__, "noise_check": True})
+    noisy = TuneSettings(**{**settings.__dict__, "data": "fake", "noise_check": True})
+    report = tune(space, noisy, tmp_path)
+    assert calls[-1] == ([], settings.per_class, 4)  # dense, the finalists' size, seeds after theirs
+    noise = report["noise"]
+    assert noise["seeds"] == [0, 4] and noise["fd_change"] == pytest.approx(0.03) and noise["cc_change_points"] == 0
+    assert noise["budget_within_noise"]  # the 2% FD budget is below the 3% the seeds alone move
+    calls.clear()
+    assert tune(space, noisy, tmp_path)["noise"] == noise and calls == []  # resumed, nothing measured again
+    wide = TuneSettings(**{**noisy.__dict__, "max_fd_increase": 0.05})
+    assert not tune(space, wide, tmp_path / "wide")["noise"]["budget_within_noise"]
+    assert tune(space, settings, tmp_path / "off")["noise"] is None
