@@ -477,23 +477,21 @@ def tune_section(load: _Reader) -> list[str]:
             final = (f"{100 * c['fd_increase']:+.1f} | {c['cc_drop_points']:+.1f}" if "fd_increase" in c else "- | -")
             lines.append(f"| {c['name']} | {c['speed']['speedup']:.2f}x | {fid['token_agreement']:.3f} | "
                          f"{fid['kl_mean']:.4f} | {final} | {'yes' if c['name'] in t['pareto'] else ''} |")
-        lines += ["", *_seed_noise(load, f"{Path(rel).parent}/noise/eval_*.json")]
+        lines += ["", *_seed_noise(t)]
     return lines[:-1]
 
 
-def _seed_noise(load: _Reader, pattern: str) -> list[str]:
-    """The dense model's quality on disjoint seed sets: how much of a finalist's FD / CC change is noise."""
-    reports = sorted((load(rel) for rel in load.glob(pattern)), key=lambda r: r["seed"])
-    if len(reports) < 2:
+def _seed_noise(t: dict) -> list[str]:
+    """tune's noise check: the dense reference on two disjoint seed sets, how much of a finalist's change is noise."""
+    n = t.get("noise")
+    if not n:
         return []
-    first, rows = reports[0]["quality"], []
-    for r in reports:
-        q = r["quality"]
-        rows.append(f"seeds {r['seed']}-{r['seed'] + r['images'] - 1}: FD-EffLite0 {q['fd_effl0']:.1f} "
-                    f"({100 * (q['fd_effl0'] / first['fd_effl0'] - 1):+.1f}%), class-consistency "
-                    f"{100 * q['class_consistency']:.1f}% ({100 * (q['class_consistency'] - first['class_consistency']):+.1f})")
-    return [f"Seed-set noise, the dense {reports[0]['recipe']['name']} model alone ({reports[0]['images']} images "
-            f"each, `litevar eval --seed`): " + "; ".join(rows) + ".", ""]
+    lo, hi = n["seeds"]
+    return [f"Seed-set noise (`--noise-check`, {n['images']} images each): dense on seeds {hi}-{hi + n['images'] - 1} "
+            f"vs {lo}-{hi - 1}: FD-EffLite0 {n['second']['fd_effl0']:.1f} vs {n['first']['fd_effl0']:.1f} "
+            f"({100 * n['fd_change']:+.1f}%), class-consistency {100 * n['second']['class_consistency']:.1f}% vs "
+            f"{100 * n['first']['class_consistency']:.1f}% ({n['cc_change_points']:+.1f} points)"
+            + ("; the budget is within this noise." if n["budget_within_noise"] else "."), ""]
 
 
 def generation_section(load: _Reader) -> list[str]:
