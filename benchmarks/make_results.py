@@ -341,6 +341,13 @@ def decoder_section(load: _Reader) -> list[str]:
     for name, v in fid["int8_vs_bf16"].items():
         lines.append(f"| {name} | {v['converted']} | {v['psnr'] if v['psnr'] is not None else '- (nothing converted)'} | "
                      f"{v['psnr_min_image'] if v['psnr_min_image'] is not None else '-'} | {v['psnr_vs_fp32']} |")
+    for rel in load.glob("decoder/eval_*.json"):  # `litevar eval` of a decoder-int8 recipe on the shipped model
+        e = load(rel)
+        q, ref, fid = e["quality"], e["reference"]["quality"], e["fidelity"]
+        lines += ["", f"`results/{rel}` ({e['recipe']['name']}, {machine_label(e['machine'])}, {e['images']} images, "
+                  f"`litevar eval`): PSNR vs the dense fp32 decoder {fid['psnr_db']:.1f} dB (token agreement "
+                  f"{fid['token_agreement']:.3f}); FD-EffLite0 {q['fd_effl0']:.1f} vs {ref['fd_effl0']:.1f}, "
+                  f"class-consistency {100 * q['class_consistency']:.1f}% vs {100 * ref['class_consistency']:.1f}%."]
     return lines
 
 
@@ -500,19 +507,19 @@ def generation_section(load: _Reader) -> list[str]:
              "One process, both pipelines on the same random weights, labels and seeds, alternating after a warm-up "
              "round; medians over rounds, ratios dense / candidate (> 1: faster).", "",
              "| file | recipe | shape | batch | threads | machine | dense s | candidate s | speed-up (range) | "
-             "transformer speed-up | last scale speed-up | dense decoder s (share) | rounds |",
+             "transformer speed-up | last scale speed-up | decoder s, dense (share) / candidate | rounds |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for rel in load.glob("guidance/generate_*.json") + load.glob("draft_refine/generate_*.json") + \
             load.glob("prune/generate_*.json"):
         g = load(rel)
         dense, cand = ([r["seconds"] for r in g["runs"][k]] for k in ("dense", "candidate"))
         ratios = [d / c for d, c in zip(dense, cand)]
-        decoder = statistics.median(r["decoder"] for r in g["runs"]["dense"])  # untouched by these steps: the floor
+        decoder, cand_decoder = (statistics.median(r["decoder"] for r in g["runs"][k]) for k in ("dense", "candidate"))
         lines.append(f"| {rel} | {g['recipe']['name']} | {g['shape']} | {g['batch']} | {g['threads']} | "
                      f"{machine_label(g['machine'])} | {statistics.median(dense):.3g} | {statistics.median(cand):.3g} | "
                      f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | "
                      f"{1 / g['transformer_ratio_median']:.2f}x | {1 / g['per_scale_ratio_median'][-1]:.2f}x | "
-                     f"{decoder:.3g} ({decoder / statistics.median(dense):.0%}) | {g['rounds']} |")
+                     f"{decoder:.3g} ({decoder / statistics.median(dense):.0%}) / {cand_decoder:.3g} | {g['rounds']} |")
     return lines
 
 

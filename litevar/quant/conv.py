@@ -1,5 +1,8 @@
 """Int8 convolutions for the VQ-VAE decoder on oneDNN's integer kernel (AMX-INT8 where the CPU has it).
 
+The input grid is 8-bit where the CPU has an exact 8-bit dot product and 7-bit (uint8 values 0..127) on x86 CPUs
+with AVX2 only, where oneDNN's kernel is exact for such inputs (:func:`~litevar.quant.runtime.conv_activation_bits`).
+
 :class:`Int8Conv2d` keeps symmetric per-output-channel int8 weights, one static asymmetric uint8 grid for its
 input (calibrated, see :mod:`litevar.quant.decoder`), a float32 bias, and writes its output in the model dtype.
 The input rounding is on the critical path (decoder activations are tens of MB per call): ATen's quantize first
@@ -19,8 +22,9 @@ import torch.nn.functional as F
 
 from .kernels import quantize_static
 from .primitives import QuantSpec, fake_quant, qparams, quantize_weight
+from .runtime import conv_activation_bits
 
-ACT_SPEC = QuantSpec(8, False, "tensor")
+ACT_SPEC = QuantSpec(conv_activation_bits(), False, "tensor")
 WEIGHT_SPEC = QuantSpec(8, True, "channel")
 ROUND_CHUNK = 2 ** 18  # elements rounded per ATen call: a 1 MiB float32 copy, resident in L2
 
@@ -28,16 +32,16 @@ ROUND_CHUNK = 2 ** 18  # elements rounded per ATen call: a 1 MiB float32 copy, r
 @functools.cache
 def onednn_int8_conv_available() -> bool:
     """oneDNN's int8 convolution (``onednn::qconv2d_pointwise``) exists in this PyTorch build and computes exactly
-    on this CPU (see :func:`~litevar.quant.runtime.int8_dot_exact`)."""
-    from .runtime import int8_dot_exact
+    on this CPU for inputs on :data:`ACT_SPEC`'s grid (checked once on a small convolution)."""
+    from .probe import int8_conv_kernel_exact
 
     ops = torch.ops.onednn
     return (torch.backends.mkldnn.is_available() and hasattr(ops, "qconv2d_pointwise")
-            and hasattr(ops, "qconv_prepack") and int8_dot_exact())
+            and hasattr(ops, "qconv_prepack") and int8_conv_kernel_exact())
 
 
 def quantize_activation(x: torch.Tensor, scale: float, zero: int) -> torch.Tensor:
-    """``clamp(round(x / scale) + zero, 0, 255)`` as uint8 in ``x``'s memory format: ATen's quantize
+    """``clamp(round(x / scale) + zero, 0, ACT_SPEC.qmax)`` as uint8 in ``x``'s memory format: ATen's quantize
     (:func:`~litevar.quant.kernels.quantize_static`, the grid of the int8 Linears too) over chunks of the memory.
 
     Example:

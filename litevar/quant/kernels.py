@@ -19,14 +19,14 @@ from .primitives import QuantSpec
 
 
 def quantize_static(x2d: torch.Tensor, scale: float, zero_point: int, spec: QuantSpec) -> torch.Tensor:
-    """``x`` on the static 8-bit grid ``(scale, zero_point)`` as int8 (symmetric) or uint8 (asymmetric)."""
-    if spec.bits == 8 and hasattr(torch, "quantize_per_tensor"):
+    """``x`` on the static grid ``(scale, zero_point)`` as int8 (symmetric, 8 bits) or uint8 (asymmetric, up to 8)."""
+    if (spec.bits == 8 or not spec.symmetric) and hasattr(torch, "quantize_per_tensor"):
         qdtype, dtype = (torch.qint8, torch.int8) if spec.symmetric else (torch.quint8, torch.uint8)
         packed = torch.quantize_per_tensor(x2d.float(), scale, zero_point, qdtype)
         # The quantized tensor's storage holds exactly the integers: view it instead of int_repr()'s copy.
         q = torch.empty(0, dtype=dtype, device=x2d.device).set_(packed.untyped_storage(), 0, packed.shape,
                                                                   packed.stride())
-        return q.clamp_(spec.qmin, spec.qmax) if spec.symmetric else q  # asymmetric 8 bit spans the dtype
+        return q if (spec.bits == 8 and not spec.symmetric) else q.clamp_(spec.qmin, spec.qmax)  # u8 spans uint8
     dtype = torch.int8 if spec.symmetric else torch.uint8
     q = torch.round(x2d.float() * (1.0 / scale)).add_(zero_point).clamp_(spec.qmin, spec.qmax)  # x untouched
     return q.to(dtype)

@@ -12,9 +12,9 @@ Timings are cached as JSON in :func:`~litevar.files.user_cache_dir` ``/decoder_p
 on: CPU model and its int8-relevant flags, threads, torch version, dtype, batch and the distinct calls. A hit
 skips the measurement; the decisions are taken again from the cached timings with the margin asked for.
 
-Before timing anything the gate (:func:`int8_gate`) asks whether the integer kernel is exact here; where it is
-not (no VNNI / AMX: AVX2's ``vpmaddubsw`` saturates pair sums at int16), :class:`Int8Conv2d` runs as a float
-emulation, so every convolution stays float and the result says why.
+Before timing anything the gate (:func:`int8_gate`) asks whether the integer kernel is exact here on the input
+grid (8-bit, or 7-bit on AVX2-only CPUs, whose ``vpmaddubsw`` saturates 8-bit pair sums at int16); where it is
+not, :class:`Int8Conv2d` runs as a float emulation, so every convolution stays float and the result says why.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..files import user_cache_dir, write_atomic
 from .conv import Int8Conv2d, Int8Upsample2x
 
-PROBE_VERSION = 1
+PROBE_VERSION = 2  # 2: 7-bit input grids on AVX2-only CPUs
 REPEATS = 5
 MARGIN = 0.05
 CACHE_SUBDIR = "decoder_probe"
@@ -78,10 +78,13 @@ def cpu_identity() -> dict[str, Any]:
 
 @functools.cache
 def int8_conv_kernel_exact() -> bool:
-    """oneDNN's int8 convolution gives the exact integer result on inputs whose u8 x s8 pair sums overflow int16
-    (measured: a 32-channel 3x3 convolution of random uint8 by random int8, against float64)."""
+    """oneDNN's int8 convolution gives the exact integer result on inputs spanning the decoder's input grid
+    (:data:`~litevar.quant.conv.ACT_SPEC`; with 8 bits their u8 x s8 pair sums overflow int16), measured: a
+    32-channel 3x3 convolution of random grid values by random int8, against float64."""
+    from .conv import ACT_SPEC
+
     gen = torch.Generator().manual_seed(0)
-    q = torch.randint(0, 256, (1, 32, 6, 6), dtype=torch.uint8, generator=gen)
+    q = torch.randint(0, ACT_SPEC.qmax + 1, (1, 32, 6, 6), dtype=torch.uint8, generator=gen)
     w = torch.randint(-127, 128, (16, 32, 3, 3), dtype=torch.int8, generator=gen)
     ones, zeros = torch.ones(16), torch.zeros(16, dtype=torch.int64)
     geometry = ([1, 1], [1, 1], [1, 1], 1)
@@ -99,8 +102,6 @@ def int8_gate(device: torch.device | str = "cpu") -> str | None:
         >>> int8_gate("cuda")
         'no int8 convolution kernel on cuda: Int8Conv2d runs as a float emulation there'
     """
-    from .runtime import int8_dot_exact
-
     device = torch.device(device)
     if device.type != "cpu":
         return f"no int8 convolution kernel on {device.type}: Int8Conv2d runs as a float emulation there"
@@ -108,9 +109,6 @@ def int8_gate(device: torch.device | str = "cpu") -> str | None:
     if not (torch.backends.mkldnn.is_available() and hasattr(ops, "qconv2d_pointwise")
             and hasattr(ops, "qconv_prepack")):
         return "this PyTorch build has no oneDNN int8 convolution (onednn::qconv2d_pointwise)"
-    if not int8_dot_exact():
-        return ("this CPU has no exact 8-bit dot product (none of avx512_vnni, avx_vnni, amx_int8): oneDNN's AVX2 "
-                "int8 kernels saturate at int16, so Int8Conv2d runs as a float emulation, slower than float")
     if not int8_conv_kernel_exact():
         return "oneDNN's int8 convolution gave inexact integer results on this CPU (checked on a small convolution)"
     return None

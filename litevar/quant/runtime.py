@@ -35,6 +35,14 @@ def int8_dot_exact() -> bool:
     return any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
+def conv_activation_bits() -> int:
+    """Bits of the int8 convolutions' uint8 input grid: 8 where the 8-bit dot product is exact; 7 on x86 CPUs
+    without one (AVX2's ``vpmaddubsw`` adds two u8 x s8 products in int16: with inputs up to 127 and weights in
+    [-127, 127] the pair sum stays within 2 x 127 x 127 < 2^15, so oneDNN's kernel is exact: measured on an AVX2
+    EPYC, where 8-bit inputs give wrong sums in almost every output)."""
+    return 8 if int8_dot_exact() else 7
+
+
 @functools.cache
 def onednn_int8_available() -> bool:
     """oneDNN int8 Linear kernels exist in this PyTorch build and compute exactly on this CPU."""

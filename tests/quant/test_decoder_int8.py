@@ -53,10 +53,11 @@ def test_int8_conv_equals_fake_quant_oracle(dtype, shape):
     assert steps.max() <= 1 and steps.mean() < 1e-3
     out, ref = layer(x).float(), layer.simulate(x).float()
     assert out.dtype == ref.dtype and layer(x).dtype == dtype
-    # the same integer products: float32 accumulation order (~1e-6 relative), bf16 output rounding (2^-9 relative
-    # each side), plus one input grid step times the largest weight-row sum where the rounding differed
+    # the same integer products: float32 accumulation order (~1e-6 relative); in bf16 the two float32 results may
+    # round to either side of a boundary, one ulp apart (at most 2^-7 relative); plus one input grid step times
+    # the largest weight-row sum where the rounding differed
     w_sum = float(layer.dequantized_weight().abs().flatten(1).sum(1).max())
-    bound = 1e-5 * ref.abs().max() + (2 ** -8 * ref.abs() if dtype == torch.bfloat16 else 0)
+    bound = 1e-5 * ref.abs().max() + (2 ** -7 * ref.abs() if dtype == torch.bfloat16 else 0)
     bound = bound + (scale * w_sum if steps.max() > 0 else 0)
     assert ((out - ref).abs() <= bound).all()
 
@@ -104,8 +105,9 @@ def test_calibrated_decoder_close_to_float(ref_dir):
     apply_recipe(pipe, load_recipe({"dtype": "bf16", "steps": [{**ALL, "calib_samples": 4}]}))
     assert sum(isinstance(m, Int8Conv2d) for m in pipe.vae.decoder.modules()) == 50  # every convolution
     images = pipe.vae.idx_to_img(out.tokens).add_(1).mul_(0.5)
-    # measured 30.8 dB on this random-weight model (every layer int8; bf16 vs fp32 decoding alone: 42 dB)
-    assert psnr(images, out.images) > 28
+    # measured on this random-weight model, every layer int8: 30.8 dB on the 8-bit input grid, 27.9 dB on the 7-bit
+    # one of AVX2-only CPUs (bf16 vs fp32 decoding alone: 42 dB)
+    assert psnr(images, out.images) > (28 if ACT_SPEC.bits == 8 else 25)
 
 
 @pytest.mark.slow

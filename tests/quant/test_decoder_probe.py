@@ -17,6 +17,7 @@ from litevar.quant import probe
 from litevar.quant.conv import Int8Conv2d, Int8Upsample2x
 from litevar.quant.decoder import DecoderInt8Config, quantize_decoder_
 from litevar.quant.io import load_quantized, save_quantized
+from litevar.quant.conv import ACT_SPEC
 from litevar.quant.probe import ConvCall, decoder_calls, describe, int8_gate, probe_decoder
 from litevar.quant.runtime import int8_dot_exact
 from litevar.recipe import RecipeError, apply_recipe, load_recipe
@@ -132,11 +133,13 @@ def test_shut_gate_keeps_float_and_says_why(shared, cache, monkeypatch):
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the flag rule is x86's")
-def test_kernel_check_agrees_with_the_cpu_flags():
+def test_the_kernel_is_exact_on_this_cpus_input_grid():
+    """8-bit inputs where the CPU has an exact 8-bit dot product, else 7-bit: oneDNN's kernel is exact on both."""
     ops = torch.ops.onednn
     if not (torch.backends.mkldnn.is_available() and hasattr(ops, "qconv2d_pointwise")):
         pytest.skip("no oneDNN int8 convolution in this build")
-    assert probe.int8_conv_kernel_exact() == int8_dot_exact()
+    assert ACT_SPEC.bits == (8 if int8_dot_exact() else 7) and ACT_SPEC.qmax == 2 ** ACT_SPEC.bits - 1
+    assert probe.int8_conv_kernel_exact() and int8_gate("cpu") is None
 
 
 def test_select_probe_converts_exactly_the_probe_choice(ref_dir, shared, open_gate, cache, monkeypatch):
