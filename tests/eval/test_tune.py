@@ -129,5 +129,5 @@ def test_noise_check_measures_dense_on_a_disjoint_seed_set_and_flags_a_budget_wi
     calls.clear()
     assert tune(space, noisy, tmp_path)["noise"] == noise and calls == []  # resumed, nothing measured again
     wide = TuneSettings(**{**noisy.__dict__, "max_fd_increase": 0.05})
-    assert not tune(space, wide, tmp_path / "wide")["noise"]["budget_within_noise"]
+    assert not tune(space, wide, tmp_path)["noise"]["budget_within_noise"]  # the saved noise, the new budget
     assert tune(space, settings, tmp_path / "off")["noise"] is None
