@@ -466,7 +466,7 @@ def tune_section(load: _Reader) -> list[str]:
         t = load(rel)
         st, chosen = t["settings"], t["chosen"]["name"]
         chosen_file = f"{Path(rel).parent}/chosen_recipe.json"
-        if chosen_file in load.glob(chosen_file) and load(chosen_file)["name"] != chosen:
+        if (RESULTS / chosen_file).exists() and load(chosen_file)["name"] != chosen:
             raise ValueError(f"{chosen_file} is not the recipe {rel} chose")
         lines += [f"`results/{rel}`: {len(t['candidates'])} candidates ({len(t['space']['slots'])} slots, "
                   f"{t['space']['dtype']}), speed proxy {st['speed']}"
