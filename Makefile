@@ -20,8 +20,9 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests
 
 # The fast tier (about 4 min on the 2-core AVX2 EPYC; the whole suite about 11): everything but the tests marked
-# slow (C++ extension build, torch.compile, spawned processes, the longest runs); `make test` runs those too. LITEVAR_NATIVE=0: sparse
-# attention takes the pure-PyTorch kernel, so no test builds the C++ one (~20 s on a fresh machine).
+# slow (C++ extension build, torch.compile, spawned processes, the longest runs); `make test` runs those too.
+# LITEVAR_NATIVE=0: sparse attention takes the pure-PyTorch kernel, so no test builds the C++ one (~20 s on a
+# fresh machine).
 test-fast: $(BIN)/.installed
 	-@$(MAKE) --no-print-directory data
 	LITEVAR_NATIVE=0 $(BIN)/python -m pytest -q -m "not slow" tests
