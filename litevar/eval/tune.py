@@ -250,8 +250,8 @@ def tune(space: str | Path | dict, settings: TuneSettings, out: str | Path) -> d
         if _within_budget(entry, settings):
             chosen = entry["recipe"]
             break
-    finals = [e for e in entries if e["name"] in finalists]
-    noise = _seed_noise(dtype, settings, finals, out) if settings.noise_check else None
+    noise = (_seed_noise(dtype, settings, [e for e in entries if e["name"] in finalists], out)
+             if settings.noise_check else None)
     report = {"litevar_tune": 1, "settings": asdict(settings), "space": {"dtype": dtype, "slots": slots},
               "candidates": [{**{k: v for k, v in e.items() if k != "recipe"},
                               **({"recipe": e["recipe"].to_dict()} if "recipe" in e else {})} for e in entries],

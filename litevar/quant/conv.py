@@ -30,11 +30,26 @@ ROUND_CHUNK = 2 ** 18  # elements rounded per ATen call: a 1 MiB float32 copy, r
 
 
 @functools.cache
+def int8_conv_kernel_exact() -> bool:
+    """oneDNN's int8 convolution gives the exact integer result on inputs spanning the decoder's input grid
+    (:data:`ACT_SPEC`; with 8 bits their u8 x s8 pair sums overflow int16), measured: a
+    32-channel 3x3 convolution of random grid values by random int8, against float64."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(0, ACT_SPEC.qmax + 1, (1, 32, 6, 6), dtype=torch.uint8, generator=gen)
+    w = torch.randint(-127, 128, (16, 32, 3, 3), dtype=torch.int8, generator=gen)
+    ones, zeros = torch.ones(16), torch.zeros(16, dtype=torch.int64)
+    geometry = ([1, 1], [1, 1], [1, 1], 1)
+    packed = torch.ops.onednn.qconv_prepack(w, ones, 1.0, 0, *geometry, None)
+    out = torch.ops.onednn.qconv2d_pointwise(q, 1.0, 0, packed, ones, zeros, None, *geometry, 1.0, 0,
+                                             torch.float32, "none", [], None)
+    ref = F.conv2d(q.double(), w.double(), None, 1, 1)
+    return bool((out.double() - ref).abs().max() == 0)  # |sums| < 2^24: exact in float32
+
+
+@functools.cache
 def onednn_int8_conv_available() -> bool:
     """oneDNN's int8 convolution (``onednn::qconv2d_pointwise``) exists in this PyTorch build and computes exactly
     on this CPU for inputs on :data:`ACT_SPEC`'s grid (checked once on a small convolution)."""
-    from .probe import int8_conv_kernel_exact
-
     ops = torch.ops.onednn
     return (torch.backends.mkldnn.is_available() and hasattr(ops, "qconv2d_pointwise")
             and hasattr(ops, "qconv_prepack") and int8_conv_kernel_exact())

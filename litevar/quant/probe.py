@@ -18,7 +18,6 @@ not, :class:`Int8Conv2d` runs as a float emulation, so every convolution stays f
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import platform
@@ -35,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..files import user_cache_dir, write_atomic
-from .conv import Int8Conv2d, Int8Upsample2x
+from .conv import Int8Conv2d, Int8Upsample2x, int8_conv_kernel_exact
 
 PROBE_VERSION = 2  # 2: 7-bit input grids on AVX2-only CPUs
 REPEATS = 5
@@ -74,25 +73,6 @@ def cpu_identity() -> dict[str, Any]:
     """The CPU as far as int8 convolution speed depends on it: model name, architecture, int8-relevant flags."""
     model, flags = _cpuinfo()
     return {"model": model, "machine": platform.machine(), "flags": [f for f in INT8_FLAGS if f in flags]}
-
-
-@functools.cache
-def int8_conv_kernel_exact() -> bool:
-    """oneDNN's int8 convolution gives the exact integer result on inputs spanning the decoder's input grid
-    (:data:`~litevar.quant.conv.ACT_SPEC`; with 8 bits their u8 x s8 pair sums overflow int16), measured: a
-    32-channel 3x3 convolution of random grid values by random int8, against float64."""
-    from .conv import ACT_SPEC
-
-    gen = torch.Generator().manual_seed(0)
-    q = torch.randint(0, ACT_SPEC.qmax + 1, (1, 32, 6, 6), dtype=torch.uint8, generator=gen)
-    w = torch.randint(-127, 128, (16, 32, 3, 3), dtype=torch.int8, generator=gen)
-    ones, zeros = torch.ones(16), torch.zeros(16, dtype=torch.int64)
-    geometry = ([1, 1], [1, 1], [1, 1], 1)
-    packed = torch.ops.onednn.qconv_prepack(w, ones, 1.0, 0, *geometry, None)
-    out = torch.ops.onednn.qconv2d_pointwise(q, 1.0, 0, packed, ones, zeros, None, *geometry, 1.0, 0,
-                                             torch.float32, "none", [], None)
-    ref = F.conv2d(q.double(), w.double(), None, 1, 1)
-    return bool((out.double() - ref).abs().max() == 0)  # |sums| < 2^24: exact in float32
 
 
 def int8_gate(device: torch.device | str = "cpu") -> str | None:
